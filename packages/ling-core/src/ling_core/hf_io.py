@@ -1,0 +1,175 @@
+"""Hugging Face layout weights: `config.json`, size-capped safetensors shards, an index.
+
+Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves a
+half-written checkpoint under the final name. Reads go shard by shard into an already allocated
+model, so peak memory stays near one model copy plus one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ling_core.config import ConfigError, LingConfig
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not match the model."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_hf_files(model: torch.nn.Module, config: LingConfig, directory: Path,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write config.json and safetensors shards into an existing directory (not atomic on its
+    own: callers write into a temp dir and rename it, see `save_pretrained`)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+
+    hf_config = config.to_hf()
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) == 1:
+        hf_config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file_name), metadata=metadata)
+        weight_map.update({name: file_name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Atomically write `model` (a LingForCausalLM) to `path` in HF layout."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write_hf_files(model, model.config, tmp, max_shard_bytes)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a completed directory to `dst`; an existing `dst` is removed only after the new one
+    is complete, so a crash leaves either the old or the new one."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+
+
+def read_config(path: str | Path) -> LingConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected a directory with {CONFIG_NAME})")
+    try:
+        return LingConfig.from_json_file(path / CONFIG_NAME)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def shard_files(path: Path) -> dict[str, list[str]]:
+    """{file name: tensor names expected in it} from the index, or the single file."""
+    index_path = path / INDEX_NAME
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            files.setdefault(file_name, []).append(name)
+        return files
+    if (path / SINGLE_FILE).exists():
+        return {SINGLE_FILE: []}
+    raise CheckpointError(f"{path}: no weights (expected {SINGLE_FILE} or {INDEX_NAME})")
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy HF-layout weights from `path` into an allocated `model`, shard by shard. Every model
+    tensor must be present exactly once with the model's shape."""
+    path = Path(path)
+    expected = model.state_dict()
+    loaded: set[str] = set()
+    for file_name, listed in shard_files(path).items():
+        file_path = path / file_name
+        if not file_path.exists():
+            raise CheckpointError(f"{file_path}: missing shard (listed in {INDEX_NAME} for {listed[0]})")
+        try:
+            with safe_open(str(file_path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        raise CheckpointError(f"{file_path}: unexpected tensor {name!r} (not in the model)")
+                    target = expected[name]
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(f"{file_path}: tensor {name!r} has shape {list(shape)}, "
+                                              f"expected {list(target.shape)}")
+                    if name in loaded:
+                        raise CheckpointError(f"{file_path}: tensor {name!r} appears in more than one shard")
+                    target.copy_(f.get_tensor(name))
+                    loaded.add(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file_path}: corrupt or truncated safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file_path}: cannot read ({e.strerror or e})") from None
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        name = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {name!r}{more}, expected shape "
+                              f"{list(expected[name].shape)}")
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    """Build a LingForCausalLM from an HF-layout directory (sharded or single file)."""
+    from ling_core.model import LingForCausalLM
+
+    config = read_config(path)
+    with torch.device("meta"):
+        model = LingForCausalLM(config)
+    model.to_empty(device=device)
+    load_weights(model, path)
+    return model

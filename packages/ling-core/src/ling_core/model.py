@@ -1,0 +1,199 @@
+"""The Ling (HF `bailing_moe`) decoder: architecture only.
+
+Parallelism, precision policy and training live outside (torchtitan's rule). The model builds on
+any device, including `meta`; `init_weights()` is separate from construction so a large model can
+be built on meta, sharded, materialised with `to_empty()`, then initialised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ling_core.config import LingConfig
+from ling_core.moe import MoE, SwiGLU
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF does) so bf16 activations keep their scale exactly.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim] for the rotate-half RoPE layout HF uses."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal attention with a fused q,k,v projection (HF `query_key_value`)."""
+
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.use_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LingConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = (MoE(config) if self.is_moe
+                    else SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias))
+
+    def forward(self, x: torch.Tensor):
+        x = x + self.attention(self.input_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            out, routing = self.mlp(h)
+            return x + out, routing
+        return x + self.mlp(h), None
+
+
+class LingModel(nn.Module):
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class LingOutput:
+    logits: torch.Tensor  # [batch, seq, vocab]
+    loss: torch.Tensor | None  # lm_loss + weighted auxiliaries (the training objective)
+    lm_loss: torch.Tensor | None  # mean cross-entropy over non-ignored labels
+    balance_loss: torch.Tensor  # mean over MoE layers (0 without MoE layers)
+    router_z_loss: torch.Tensor  # mean over MoE layers
+    tokens_per_expert: torch.Tensor  # [num_moe_layers, num_experts] int64
+
+
+class LingForCausalLM(nn.Module):
+    """Ling MoE causal LM. `forward(input_ids, labels)` takes labels already aligned with the
+    inputs (labels[:, t] is the target of position t; -100 is ignored), as a packed loader makes
+    them, and returns logits, the loss and the MoE auxiliaries."""
+
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.config = config
+        self.model = LingModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    # --- weights ---
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, ones for norms; the output
+        projections (attention dense, down_proj) are scaled by 1/sqrt(2 * layers) so the residual
+        stream's variance stays independent of depth."""
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(0 if seed is None else seed)
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+                continue
+            s = out_std if name.endswith(("dense.weight", "down_proj.weight")) else std
+            # Draw on CPU from one generator so init is identical on every device.
+            param.copy_(torch.randn(param.shape, generator=generator) * s)
+
+    def set_step(self, step: int) -> None:
+        """Tell step-dependent layers (Stochastic Routing Warmup) the current training step."""
+        for module in self.modules():
+            if hasattr(module, "routing_warmup_steps"):
+                module.step = step
+
+    # --- forward ---
+    def output_weight(self) -> torch.Tensor:
+        """NormHead (Baichuan 2 / Ling report): each vocabulary row of lm_head is unit-normalised,
+        which keeps the logits' scale stable early in training."""
+        if self.config.norm_head:
+            return F.normalize(self.lm_head.weight, dim=-1, eps=1e-7)
+        return self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> LingOutput:
+        x = self.model.word_embeddings(input_ids)
+        routings = []
+        for layer in self.model.layers:
+            x, routing = layer(x)
+            if routing is not None:
+                routings.append(routing)
+        x = self.model.norm(x)
+        logits = F.linear(x, self.output_weight())
+
+        zero = logits.new_zeros((), dtype=torch.float32)
+        balance = torch.stack([r.balance_loss for r in routings]).mean() if routings else zero
+        z_loss = torch.stack([r.router_z_loss for r in routings]).mean() if routings else zero
+        tokens_per_expert = (torch.stack([r.tokens_per_expert for r in routings]) if routings
+                             else torch.zeros(0, self.config.num_experts, dtype=torch.long))
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                      labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            loss = (lm_loss + self.config.balance_loss_weight * balance
+                    + self.config.router_z_loss_weight * z_loss)
+        return LingOutput(logits, loss, lm_loss, balance, z_loss, tokens_per_expert)
+
+    # --- HF IO (see ling_core.hf_io) ---
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+        from ling_core.hf_io import save_pretrained
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        save_pretrained(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu") -> "LingForCausalLM":
+        from ling_core.hf_io import from_pretrained
+        return from_pretrained(path, device=device)
+
+
+def build_model(config: LingConfig, device: str | torch.device = "cpu", seed: int = 0) -> LingForCausalLM:
+    """Construct on meta, materialise on `device`, initialise from `seed`."""
+    with torch.device("meta"):
+        model = LingForCausalLM(config)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model

@@ -1,0 +1,234 @@
+"""Model behaviour: routing properties, MoE vs a per-token loop, causality, HF names, warmup."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ling_core import LingConfig, LingForCausalLM, build_model, preset
+from ling_core.moe import MoE, Router
+
+
+def small_config(**overrides) -> LingConfig:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6,
+                num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=16,
+                first_k_dense_replace=1, rope_theta=10000.0, initializer_range=0.2)
+    base.update(overrides)
+    return LingConfig(**base)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 40), experts=st.integers(1, 12), data=st.data(),
+       norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_router_sends_each_token_to_k_distinct_experts(tokens, experts, data, norm, seed):
+    k = data.draw(st.integers(1, experts))
+    torch.manual_seed(seed)
+    router = Router(hidden_size=8, num_experts=experts, top_k=k, norm_topk_prob=norm)
+    torch.nn.init.normal_(router.weight)
+    r = router(torch.randn(tokens, 8))
+    assert r.expert_indices.shape == (tokens, k)
+    assert all(len(set(row)) == k for row in r.expert_indices.tolist())
+    assert int(r.tokens_per_expert.sum()) == tokens * k
+    assert torch.equal(r.tokens_per_expert, torch.bincount(r.expert_indices.flatten(), minlength=experts))
+    if norm and k > 1:  # as HF: with k = 1 the weight stays the probability, so the router learns
+        torch.testing.assert_close(r.expert_weights.sum(-1), torch.ones(tokens), rtol=0, atol=1e-6)
+    assert (r.expert_weights >= 0).all()
+
+
+def moe_per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The specification: each token, one at a time, through its k experts and the shared ones."""
+    router = moe.gate
+    out = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        probs = (x[t].float() @ router.weight.float().T).softmax(-1)
+        weights, experts = probs.topk(router.top_k)
+        if router.norm_topk_prob and router.top_k > 1:
+            weights = weights / weights.sum()
+        y = sum(w * moe.experts[int(e)](x[t]) for w, e in zip(weights, experts))
+        if moe.shared_experts is not None:
+            y = y + moe.shared_experts(x[t])
+        out[t] = y
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(1, 24), experts=st.integers(1, 8), data=st.data(),
+       shared=st.integers(0, 2), norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_moe_matches_per_token_loop(tokens, experts, data, shared, norm, seed):
+    k = data.draw(st.integers(1, experts))
+    cfg = small_config(num_experts=experts, num_experts_per_tok=k, num_shared_experts=shared,
+                       norm_topk_prob=norm)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(tokens, cfg.hidden_size)
+    out, _ = moe(x)
+    # fp32, sums of <= k + 1 products reordered: a few ulps of the output's scale.
+    torch.testing.assert_close(out, moe_per_token_reference(moe, x), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_gradients_reach_every_used_expert():
+    cfg = small_config(num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    out, routing = moe(torch.randn(64, cfg.hidden_size))
+    out.sum().backward()
+    for e, count in enumerate(routing.tokens_per_expert.tolist()):
+        grad = moe.experts[e].up_proj.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == (count > 0)
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_all_tokens_to_one_expert():
+    cfg = small_config(num_experts=5, num_experts_per_tok=1)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[3] = 1.0
+    x = torch.rand(10, cfg.hidden_size) + 0.1  # positive inputs: expert 3 wins every token
+    out, routing = moe(x)
+    assert routing.tokens_per_expert.tolist() == [0, 0, 0, 10, 0]
+    torch.testing.assert_close(out, moe_per_token_reference(moe, x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seq=st.integers(2, 24), position=st.data(), seed=st.integers(0, 2**16))
+def test_causality_future_tokens_do_not_change_past_logits(seq, position, seed):
+    model = build_model(small_config(), seed=seed).eval()
+    cut = position.draw(st.integers(1, seq - 1))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (2, seq), generator=g)
+    changed = ids.clone()
+    changed[:, cut:] = torch.randint(0, 97, (2, seq - cut), generator=g)
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_outputs_and_loss_composition():
+    cfg = small_config()
+    model = build_model(cfg, seed=1)
+    ids = torch.randint(0, cfg.vocab_size, (3, 10))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    out = model(ids, labels)
+    assert out.logits.shape == (3, 10, cfg.vocab_size)
+    assert out.tokens_per_expert.shape == (cfg.num_moe_layers, cfg.num_experts)
+    assert out.tokens_per_expert.sum(1).tolist() == [30 * cfg.num_experts_per_tok] * cfg.num_moe_layers
+    expected_ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size),
+                                                    labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss, expected_ce)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.015 * out.balance_loss + 1e-4 * out.router_z_loss)
+    assert out.balance_loss >= 1.0 - 1e-5  # E * sum f_e P_e is minimised (1) by uniform routing
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts." not in n
+               or "shared_experts" in n)
+
+
+def test_norm_head_normalises_rows():
+    model = build_model(small_config(norm_head=True), seed=0)
+    w = model.output_weight()
+    torch.testing.assert_close(w.norm(dim=-1), torch.ones(w.shape[0]))
+    plain = build_model(small_config(norm_head=False), seed=0)
+    assert torch.equal(plain.output_weight(), plain.lm_head.weight)
+
+
+def test_hf_parameter_names():
+    cfg = small_config(num_experts=2, first_k_dense_replace=1, num_hidden_layers=2)
+    with torch.device("meta"):
+        names = set(LingForCausalLM(cfg).state_dict())
+    expected = {"model.word_embeddings.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                     p + "attention.query_key_value.weight", p + "attention.dense.weight"}
+        if i == 0:
+            expected |= {p + f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
+        else:
+            expected.add(p + "mlp.gate.weight")
+            for m in ("gate_proj", "up_proj", "down_proj"):
+                expected |= {p + f"mlp.experts.{e}.{m}.weight" for e in range(2)}
+                expected.add(p + f"mlp.shared_experts.{m}.weight")
+    assert names == expected
+    with torch.device("meta"):
+        model = LingForCausalLM(cfg)
+    assert model.model.layers[1].mlp.gate.weight.shape == (2, cfg.hidden_size)
+    assert model.model.layers[1].mlp.shared_experts.up_proj.weight.shape == (16, cfg.hidden_size)
+
+
+def test_meta_build_then_init_is_deterministic():
+    cfg = small_config()
+    a, b = build_model(cfg, seed=7), build_model(cfg, seed=7)
+    c = build_model(cfg, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    with torch.device("meta"):
+        big = LingForCausalLM(preset("lite"))  # 16.8B parameters, no memory
+    assert big.lm_head.weight.is_meta
+
+
+def test_stochastic_routing_warmup():
+    cfg = small_config(routing_warmup_steps=10)
+    router = MoE(cfg).gate
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(200, cfg.hidden_size)
+    router.train()
+    router.step = 10  # warmup over: alpha = 1, no noise
+    torch.manual_seed(0)
+    clean = router(x)
+    router.step = 0  # alpha = 0: pure noise, routing ignores the logits
+    torch.manual_seed(0)
+    noisy = router(x)
+    assert not torch.equal(clean.expert_indices, noisy.expert_indices)
+    router.step = 5
+    assert router.warmup_alpha() == 0.5
+    router.eval()
+    router.step = 0
+    assert router.warmup_alpha() == 1.0
+    torch.testing.assert_close(router(x).expert_weights, clean.expert_weights)
+    # the z-loss is always computed on the router's own logits, not the blended ones
+    torch.testing.assert_close(noisy.router_z_loss, clean.router_z_loss)
+
+
+def test_set_step_reaches_every_router():
+    model = build_model(small_config(routing_warmup_steps=4))
+    model.set_step(3)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and all(r.step == 3 for r in routers)
+
+
+def test_initial_loss_is_near_uniform():
+    cfg = small_config(initializer_range=0.02, norm_head=False)
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    assert abs(model(ids, ids).lm_loss.item() - math.log(cfg.vocab_size)) < 0.1
+    # NormHead: unit rows against a final hidden state of norm ~sqrt(hidden) give unit-scale logits
+    normed = build_model(cfg.replace(norm_head=True), seed=0)
+    assert 0.5 < normed(ids).logits.std().item() < 2.0
+
+
+def test_bf16_autocast_forward_backward():
+    model = build_model(small_config(), seed=0)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_attention_heads=6, num_key_value_heads=4), "multiple of num_key_value_heads"),
+    (dict(num_experts_per_tok=9, num_experts=8), "num_experts_per_tok"),
+    (dict(head_dim=7), "head_dim must be even"),
+])
+def test_invalid_config_is_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**bad)
