@@ -1,0 +1,92 @@
+"""Run checkpoints: `RUN/checkpoints/step-N/` = HF-layout weights + `trainer_state/`.
+
+Each checkpoint is written into a temporary directory and renamed, then `latest` (a one-line text
+file naming the newest complete checkpoint) is replaced atomically; a crash at any point leaves the
+previous checkpoint intact and `latest` pointing at a complete one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ling_core import CheckpointError
+from ling_core.hf_io import replace_dir, write_hf_files
+
+TRAINER_STATE_DIR = "trainer_state"
+STATE_FILE = "state.pt"
+RUN_CONFIG_FILE = "run_config.toml"
+LATEST = "latest"
+
+
+def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, checkpoints_dir: Path,
+                    step: int, max_shard_bytes: int) -> Path:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=checkpoints_dir))
+    tmp.chmod(0o755)
+    try:
+        write_hf_files(model, model.config, tmp, max_shard_bytes)
+        state_dir = tmp / TRAINER_STATE_DIR
+        state_dir.mkdir()
+        torch.save(trainer_state, state_dir / STATE_FILE)
+        (state_dir / RUN_CONFIG_FILE).write_text(run_config_toml)
+        summary = {"step": step, "loader": trainer_state.get("loader")}
+        (state_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = checkpoints_dir / f".{LATEST}.tmp-{os.getpid()}"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, checkpoints_dir / LATEST)
+    return final
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path:
+    pointer = checkpoints_dir / LATEST
+    if not pointer.exists():
+        raise CheckpointError(f"{checkpoints_dir}: no '{LATEST}' file (expected a run with at least one "
+                              f"checkpoint)")
+    path = checkpoints_dir / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer}: names {path.name}, which does not exist")
+    return path
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint dir, a run's `checkpoints/` dir, or a run dir."""
+    if (path / TRAINER_STATE_DIR).is_dir():
+        return path
+    if (path / LATEST).exists():
+        return latest_checkpoint(path)
+    if (path / "checkpoints").is_dir():
+        return latest_checkpoint(path / "checkpoints")
+    raise CheckpointError(f"{path}: not a checkpoint (expected step-N/ with {TRAINER_STATE_DIR}/, "
+                          f"or a run directory with checkpoints/{LATEST})")
+
+
+def read_run_config_toml(checkpoint: Path) -> str:
+    path = checkpoint / TRAINER_STATE_DIR / RUN_CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (the checkpoint has no run config)")
+    return path.read_text()
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / TRAINER_STATE_DIR / STATE_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (expected the trainer state of a checkpoint)") from None
+    try:
+        return torch.load(io.BytesIO(data), weights_only=False)
+    except Exception as e:  # torch raises several types for truncated/corrupt pickles
+        raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(e).__name__})") from None

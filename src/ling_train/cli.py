@@ -1,0 +1,108 @@
+"""`ling-train`: train a Ling MoE model. Progress on stderr, results on stdout.
+
+Exit codes: 0 success, 2 bad input (one line naming the flag/file and what was expected),
+1 internal error (with a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  ling-train                                  # tiny model, embedded corpus, CPU, a few minutes
+  ling-train --steps 50 --out runs/quick      # a shorter run into a chosen directory
+  ling-train --size plus --dry-run            # params, FLOPs/token and memory, nothing allocated
+  ling-train --config run.toml --data docs/   # TOML config, your own .txt/.jsonl documents
+  ling-train --out runs/quick --resume        # continue runs/quick from its latest checkpoint
+  ling-train --resume runs/quick/checkpoints/step-20 --out runs/branch
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ling-train", description="Pretrain a Ling Mixture-of-Experts language model.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", help="model preset: tiny, lite or plus (default tiny)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    p.add_argument("--out", help="run directory (default runs/<size>-<timestamp>)")
+    p.add_argument("--config", help="run config TOML; flags override its values")
+    p.add_argument("--data", help="file or directory of .txt/.jsonl documents (default: embedded corpus)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per step (default 16)")
+    p.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (a step-N dir or a run dir); alone: from --out's latest")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, FLOPs per token and memory without allocating the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_config(args: argparse.Namespace):
+    from ling_train import checkpoint as ckpt
+    from ling_train.config import RunConfig, load_toml, resolve
+    from ling_train.run import default_out
+
+    import tomllib
+
+    flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed",
+                                           "batch_size", "seq_len", "lr")}
+    base: dict = {}
+    resume_from = None
+    if args.resume is not None:
+        if args.resume == "":
+            if not args.out:
+                raise UsageError("--resume: give a checkpoint path, or --out RUN to resume RUN's latest")
+            resume_from = ckpt.resolve_checkpoint(Path(args.out))
+        else:
+            resume_from = ckpt.resolve_checkpoint(Path(args.resume))
+        base = tomllib.loads(ckpt.read_run_config_toml(resume_from))
+        if not args.out:  # default: continue in the run the checkpoint belongs to
+            flags["out"] = str(resume_from.parent.parent)
+    toml_values = load_toml(args.config) if args.config else {}
+    config = resolve({**base, **toml_values}, flags, source=args.config or "flags")
+    if not config.out:
+        config.out = default_out(config.size)
+    return config, resume_from
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    from ling_core import CheckpointError, ConfigError
+    from ling_data import DataError
+    from ling_train.config import RunConfigError
+
+    bad_input = (UsageError, RunConfigError, ConfigError, CheckpointError, DataError)
+    try:
+        config, resume_from = build_config(args)
+        if args.dry_run:
+            from ling_train.dry_run import dry_run_report
+            print(dry_run_report(config.size, config.model_config(), config.seq_len, config.batch_size))
+            return 0
+        from ling_train.run import train
+        summary = train(config, resume_from, progress=not args.no_progress)
+    except bad_input as e:
+        print(f"ling-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ling-train: interrupted; resume from the latest checkpoint with --resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The run config: defaults < `--config run.toml` < command-line flags, resolved into `RunConfig`.
+
+TOML layout: top-level keys are `RunConfig` fields; an optional `[model]` table overrides fields
+of the chosen preset (HF `config.json` key names). Unknown keys anywhere are errors, so a typo
+never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ling_core import PRESETS, LingConfig, preset
+
+
+class RunConfigError(ValueError):
+    """Bad run configuration (a flag, a TOML file or one of its keys)."""
+
+
+@dataclass
+class RunConfig:
+    size: str = "tiny"
+    steps: int = 300
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    precision: str = "auto"  # auto: bf16 autocast where the device supports it, else fp32
+    data: str = ""  # "" = the embedded corpus; else a file or directory of .txt / .jsonl documents
+    out: str = ""  # "" = runs/<size>-<timestamp>
+    log_every: int = 1
+    checkpoint_every: int = 100  # 0: only at the end
+    max_shard_gb: float = 2.0
+    model: dict[str, Any] = field(default_factory=dict)  # LingConfig overrides
+
+    def validate(self, source: str = "config") -> None:
+        if self.size not in PRESETS:
+            raise RunConfigError(f"{source}: size: unknown size {self.size!r}; expected one of "
+                                 f"{', '.join(PRESETS)}")
+        for name in ("steps", "seq_len", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise RunConfigError(f"{source}: {name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "grad_clip", "weight_decay", "lr"):
+            if getattr(self, name) < 0:
+                raise RunConfigError(f"{source}: {name}: must be >= 0, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
+        self.model_config(source)  # validates the [model] overrides
+
+    def model_config(self, source: str = "config") -> LingConfig:
+        fields = {f.name for f in dataclasses.fields(LingConfig)} - {"extra"}
+        unknown = sorted(set(self.model) - fields)
+        if unknown:
+            raise RunConfigError(f"{source}: [model]: unknown key {unknown[0]!r}; expected LingConfig "
+                                 f"(HF config.json) keys such as hidden_size, num_experts")
+        try:
+            return preset(self.size).replace(**self.model)
+        except (ValueError, TypeError) as e:
+            raise RunConfigError(f"{source}: [model]: {e}") from None
+
+    def to_toml(self) -> str:
+        d = dataclasses.asdict(self)
+        model = d.pop("model")
+        if model:
+            d["model"] = model
+        return tomli_w.dumps(d)
+
+
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _check_type(source: str, key: str, value: Any, default: Any) -> Any:
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise RunConfigError(f"{source}: {key}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a run TOML into a dict of RunConfig fields, checking keys and types."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{path}: invalid TOML ({e})") from None
+    defaults = RunConfig()
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in RUN_FIELDS:
+            raise RunConfigError(f"{path}: unknown key {key!r}; expected one of {', '.join(RUN_FIELDS)}")
+        if key == "model":
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{path}: model: expected a [model] table")
+            out[key] = dict(value)
+        else:
+            out[key] = _check_type(str(path), key, value, getattr(defaults, key))
+    return out
+
+
+def resolve(toml_values: dict[str, Any], flag_values: dict[str, Any], source: str) -> RunConfig:
+    values = {**toml_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    config = RunConfig(**values)
+    config.validate(source)
+    return config

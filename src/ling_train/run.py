@@ -1,0 +1,151 @@
+"""Compose a training run from the packages: data -> model -> optimizer -> trainer + callbacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ling_core import build_model, flops_per_token, load_weights
+from ling_data import PackedLoader, cached_tokenizer, embedded_corpus, pack_documents, read_text_documents
+from ling_data import DataError
+from ling_train import checkpoint as ckpt
+from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
+from ling_train.config import RunConfig, RunConfigError
+from ling_train.perf import measure_matmul_flops
+from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
+
+log = logging.getLogger("ling_train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunConfigError(f"--device: unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunConfigError(f"--device: {name} requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise RunConfigError(f"--device: {name!r} is not supported; expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # CPUs without bf16 matmul units run bf16 slower than fp32
+
+
+def default_out(size: str) -> str:
+    return str(Path("runs") / f"{size}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+@dataclass
+class Data:
+    loader: PackedLoader
+    tokenizer_path: Path | None
+    tokens: int
+    documents: int
+
+
+def build_data(config: RunConfig, vocab_size: int) -> Data:
+    if config.data and not Path(config.data).exists():
+        raise DataError(f"--data: {config.data} does not exist (expected a file or directory of .txt/.jsonl documents)")
+    documents = read_text_documents(config.data) if config.data else embedded_corpus()
+    tokenizer = cached_tokenizer(documents, vocab_size=vocab_size)
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    stream = pack_documents(tokenizer.encode_batch(documents), tokenizer.eos_id)
+    loader = PackedLoader(stream, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+    return Data(loader, tokenizer.model_path, int(stream.numel()), len(documents))
+
+
+def check_out_dir(out: Path, resuming: bool) -> None:
+    if not resuming and out.exists() and any((out / name).exists() for name in ("metrics.jsonl", "checkpoints")):
+        raise RunConfigError(f"--out: {out} already holds a run; pass --resume to continue it or choose "
+                             f"another --out (nothing was overwritten)")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:
+    """Run training as configured; returns a summary (also written to RUN/summary.json)."""
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    autocast_dtype = resolve_autocast(config.precision, device)
+    model_config = config.model_config()
+
+    # Everything that can fail on bad input happens before the run directory is touched.
+    check_out_dir(out, resuming=resume_from is not None)
+    trainer_state = ckpt.load_trainer_state(resume_from) if resume_from else None
+    torch.manual_seed(config.seed)
+    data = build_data(config, model_config.vocab_size)
+    model = build_model(model_config, device=device, seed=config.seed)
+    if resume_from is not None:
+        load_weights(model, resume_from)
+    out.mkdir(parents=True, exist_ok=True)
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+
+    peak = measure_matmul_flops(device, autocast_dtype or torch.float32)
+    fpt = flops_per_token(model_config, config.seq_len)
+    metrics = MetricsLogger(out / "metrics.jsonl", fpt, peak, config.log_every)
+    run_toml = config.to_toml()
+    max_shard_bytes = int(config.max_shard_gb * 1024**3)
+
+    def save(step: int) -> Path:
+        return ckpt.save_checkpoint(model, trainer.state_dict(), run_toml, out / "checkpoints", step, max_shard_bytes)
+
+    timer = Timer()
+    trainer = Trainer(model, optimizer, scheduler, data.loader,
+                      TrainerSettings(config.steps, config.grad_clip, autocast_dtype), device,
+                      [RoutingWarmupStep(), metrics, ProgressBar(disable=not progress),
+                       Checkpointer(save, config.checkpoint_every), timer])
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+
+    write_text_atomic(out / "config.toml", run_toml)
+    if data.tokenizer_path is not None:
+        shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")
+    log.info("model %s on %s (%s), %d tokens in %d documents, peak matmul %.1f GFLOP/s",
+             config.size, device, autocast_dtype or "fp32", data.tokens, data.documents, peak / 1e9)
+    start_step = trainer.step
+    if start_step:
+        metrics.write({"event": "resume", "step": start_step, "from": str(resume_from)})
+    trainer.fit()
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "event" not in r and r["step"] > start_step]
+    summary = {
+        "out": str(out), "steps": trainer.step, "device": str(device),
+        "first_loss": steps[0]["lm_loss"] if steps else None,
+        "final_loss": steps[-1]["lm_loss"] if steps else None,
+        "tokens_per_s": sum(r["tokens"] for r in steps) / max(sum(r["step_time_s"] for r in steps), 1e-9),
+        "mfu": sum(r["mfu"] for r in steps) / max(len(steps), 1),
+        "peak_matmul_flops": peak, "wall_time_s": timer.elapsed(),
+        "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")),
+    }
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,135 @@
+"""ling-train end to end: a short default-shaped run, resume, dry-run and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ling_core import from_pretrained
+from ling_train.cli import main
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_rows(run_dir):
+    return [r for r in rows(run_dir) if "event" not in r]
+
+
+def test_short_run_learns_and_writes_the_run_directory(tmp_path, small_run_toml, capsys):
+    out = tmp_path / "run"
+    assert main(["--config", str(small_run_toml), "--steps", "30", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    steps = step_rows(out)
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "balance_loss", "max_expert_load"):
+        assert all(key in r for r in steps), key
+    first = sum(r["lm_loss"] for r in steps[:3]) / 3
+    last = sum(r["lm_loss"] for r in steps[-3:]) / 3
+    assert last < first - 1.0, (first, last)  # from ~ln(512)=6.2 the loss must clearly fall
+    assert summary["steps"] == 30 and (out / "config.toml").exists() and (out / "tokenizer.model").exists()
+    ckpt = out / "checkpoints" / "step-30"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-30"
+    model = from_pretrained(ckpt)  # HF layout, loadable on its own
+    assert model.config.hidden_size == 64
+    # the written config.toml is a complete, re-runnable --config
+    again = tmp_path / "again"
+    assert main(["--config", str(out / "config.toml"), "--steps", "2", "--out", str(again),
+                 "--no-progress"]) == 0
+
+
+def test_resume_continues_bit_identically(tmp_path, small_run_toml):
+    full = tmp_path / "full"
+    assert main(["--config", str(small_run_toml), "--out", str(full), "--no-progress"]) == 0
+    resumed = tmp_path / "resumed"
+    assert main(["--resume", str(full / "checkpoints" / "step-4"), "--out", str(resumed), "--no-progress"]) == 0
+    a = {r["step"]: r["loss"] for r in step_rows(full)}
+    b = {r["step"]: r["loss"] for r in step_rows(resumed)}
+    assert sorted(b) == [5, 6, 7, 8]
+    assert [a[s] for s in b] == [b[s] for s in b]  # exact equality, not a tolerance
+    wa = from_pretrained(full / "checkpoints" / "step-8").state_dict()
+    wb = from_pretrained(resumed / "checkpoints" / "step-8").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_in_place_from_latest(tmp_path, small_run_toml):
+    out = tmp_path / "run"
+    assert main(["--config", str(small_run_toml), "--steps", "4", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--out", str(out), "--resume", "--steps", "6", "--no-progress"]) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-6"
+    assert any(r.get("event") == "resume" and r["step"] == 4 for r in rows(out))
+
+
+def test_dry_run_plus_allocates_nothing(capsys):
+    assert main(["--size", "plus", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "290,602,910,976" in out and "ok" in out
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ling_train.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("ling-train: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unknown_size_is_a_one_line_error():
+    assert_one_line_error(run_cli("--size", "huge"), "size", "huge", "tiny, lite, plus")
+
+
+def test_unknown_toml_key_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = 3\nlearning_rate = 0.1\n")
+    assert_one_line_error(run_cli("--config", str(bad)), str(bad), "learning_rate")
+    bad.write_text("[model]\nhidden_sise = 3\n")
+    assert_one_line_error(run_cli("--config", str(bad)), "hidden_sise")
+    bad.write_text("steps = 'many'\n")
+    assert_one_line_error(run_cli("--config", str(bad)), "steps", "expected int")
+
+
+def test_missing_data_path_is_a_one_line_error(tmp_path):
+    assert_one_line_error(run_cli("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
+                          "nope", "does not exist")
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, small_run_toml):
+    out = tmp_path / "run"
+    assert main(["--config", str(small_run_toml), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert_one_line_error(run_cli("--config", str(small_run_toml), "--out", str(out)), "already holds a run")
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "delete_state"])
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage):
+    out = tmp_path / "run"
+    assert main(["--config", str(small_run_toml), "--steps", "4", "--out", str(out), "--no-progress"]) == 0
+    ckpt = out / "checkpoints" / "step-4"
+    if damage == "truncate_weights":
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "truncate_state":
+        f = ckpt / "trainer_state" / "state.pt"
+        f.write_bytes(f.read_bytes()[:5000])
+    else:
+        (ckpt / "trainer_state" / "state.pt").unlink()
+    before = (out / "metrics.jsonl").read_text()
+    result = run_cli("--resume", str(ckpt), "--out", str(tmp_path / "next"))
+    assert_one_line_error(result, str(ckpt))
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_help_has_examples():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "examples:" in result.stdout and "--dry-run" in result.stdout
