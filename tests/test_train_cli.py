@@ -69,9 +69,20 @@ def test_dry_run_plus_allocates_nothing(capsys):
     assert "290,602,910,976" in out and "ok" in out
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ling_train.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """ling-train in-process (the console script calls the same main); returns code and output."""
+    def run(*args):
+        capsys.readouterr()
+        code = main([*args, "--no-progress"])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+    return run
 
 
 def assert_one_line_error(result, *fragments):
@@ -83,11 +94,20 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_unknown_size_is_a_one_line_error():
+def test_console_script_exit_code_and_single_line():
+    """The real process: exit status 2 and one line on stderr, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "ling_train.cli", "--size", "huge"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ling-train: error: flags: size: unknown size 'huge'; expected one of tiny, lite, plus"]
+
+
+def test_unknown_size_is_a_one_line_error(run_cli):
     assert_one_line_error(run_cli("--size", "huge"), "size", "huge", "tiny, lite, plus")
 
 
-def test_unknown_toml_key_is_a_one_line_error(tmp_path):
+def test_unknown_toml_key_is_a_one_line_error(tmp_path, run_cli):
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = 3\nlearning_rate = 0.1\n")
     assert_one_line_error(run_cli("--config", str(bad)), str(bad), "learning_rate")
@@ -97,13 +117,13 @@ def test_unknown_toml_key_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_cli("--config", str(bad)), "steps", "expected int")
 
 
-def test_missing_data_path_is_a_one_line_error(tmp_path):
+def test_missing_data_path_is_a_one_line_error(tmp_path, run_cli):
     assert_one_line_error(run_cli("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
                           "nope", "does not exist")
     assert not (tmp_path / "r").exists()
 
 
-def test_existing_run_is_not_overwritten(tmp_path, small_run_toml):
+def test_existing_run_is_not_overwritten(tmp_path, small_run_toml, run_cli):
     out = tmp_path / "run"
     assert main(["--config", str(small_run_toml), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
     before = (out / "metrics.jsonl").read_text()
@@ -112,7 +132,7 @@ def test_existing_run_is_not_overwritten(tmp_path, small_run_toml):
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "delete_state"])
-def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage):
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage, run_cli):
     out = tmp_path / "run"
     assert main(["--config", str(small_run_toml), "--steps", "4", "--out", str(out), "--no-progress"]) == 0
     ckpt = out / "checkpoints" / "step-4"
@@ -131,5 +151,16 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage
 
 
 def test_help_has_examples():
-    result = run_cli("--help")
+    result = subprocess.run([sys.executable, "-m", "ling_train.cli", "--help"], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0 and "examples:" in result.stdout and "--dry-run" in result.stdout
+
+
+def test_default_run_tiny_preset_on_embedded_corpus(tmp_path, capsys):
+    """The README's `uv run ling-train`, shortened: the real tiny preset, embedded corpus, CPU."""
+    out = tmp_path / "default"
+    assert main(["--steps", "6", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["device"] == "cpu" and summary["steps"] == 6
+    assert summary["final_loss"] < summary["first_loss"]
+    assert from_pretrained(out / "checkpoints" / "step-6").config.num_experts == 16

@@ -78,6 +78,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path,
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should read like any directory
     try:
         write_hf_files(model, model.config, tmp, max_shard_bytes)
         replace_dir(tmp, path)
