@@ -106,7 +106,9 @@ class MoE(nn.Module):
         k = routing.expert_indices.shape[-1]
         slot_order = routing.expert_indices.reshape(-1).argsort(stable=True)
         token_of_slot = slot_order // k
-        segments = x[token_of_slot].split(routing.tokens_per_expert.tolist())
+        # index_select, not x[token_of_slot]: its backward is one index_add where advanced
+        # indexing's is a sort-based index_put (~40% faster gather fwd+bwd on CPU, benchmarks/).
+        segments = x.index_select(0, token_of_slot).split(routing.tokens_per_expert.tolist())
         outputs = [expert(seg) for expert, seg in zip(self.experts, segments) if seg.shape[0] > 0]
         expert_out = torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
         slot_weights = routing.expert_weights.reshape(-1)[slot_order].unsqueeze(-1)
