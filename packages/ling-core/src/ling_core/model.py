@@ -15,21 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ling_core.config import LingConfig
-from ling_core.moe import MoE, SwiGLU
+from ling_core.layers import Embedding, Linear, RMSNorm, SwiGLU
+from ling_core.moe import MoE
 
 IGNORE_INDEX = -100
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as HF does) so bf16 activations keep their scale exactly.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device,
@@ -58,8 +47,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.use_qkv_bias)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
+        self.query_key_value = Linear(config.hidden_size, qkv_out, bias=config.use_qkv_bias)
+        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -97,7 +86,7 @@ class DecoderLayer(nn.Module):
 class LingModel(nn.Module):
     def __init__(self, config: LingConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -121,7 +110,7 @@ class LingForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LingModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     # --- weights ---
     @torch.no_grad()

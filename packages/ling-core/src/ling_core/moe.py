@@ -13,19 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ling_core.config import LingConfig
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense MLP, each routed expert and the shared experts."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from ling_core.layers import SwiGLU
 
 
 @dataclass
