@@ -1,4 +1,12 @@
-"""ling-dist: The distributed runtime on torch.distributed: DDP/FSDP2/expert parallel and the Local SGD family (DiLoCo, EDiT, A-EDiT) across heterogeneous devices, flash checkpoint, elastic restart.
+"""ling-dist: distributed training for any `nn.Module` on torch.distributed.
 
-Not filled yet (issue 5); it exports no API.
+Built so far: `init_distributed` (torchrun's environment -> process group, or a single process
+without one) and `DiLoCo`, the synchronous Local SGD wrapper around an inner optimizer with
+token-weighted pseudo-gradient averaging. The rest of issue 5 (EDiT, A-EDiT, DDP/FSDP2/expert
+parallel wrappers, flash checkpoint) comes later. Imports torch only, never another ling package.
 """
+
+from ling_dist.local_sgd import DiLoCo
+from ling_dist.runtime import DistributedEnvError, init_distributed
+
+__all__ = ["DiLoCo", "DistributedEnvError", "init_distributed"]

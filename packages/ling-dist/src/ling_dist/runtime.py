@@ -1,0 +1,83 @@
+"""Start torch.distributed from torchrun's environment, or run as one process without it.
+
+The same training script must work under `python train.py` (one process, no process group)
+and under `torchrun --nproc-per-node N train.py`, so the decision is made from the
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) rather
+than from flags threaded through the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedEnvError(RuntimeError):
+    """The torchrun environment is partial or contradictory, or the backend cannot run here."""
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedEnvError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes; return `(rank, world_size, device)`.
+
+    With none of torchrun's variables set this is a single process: `(0, 1, cpu)` and no
+    process group is created, so collectives must be skipped by the caller (ling-dist's
+    wrappers do). `backend=None` picks nccl when CUDA is available (device `cuda:LOCAL_RANK`)
+    and gloo otherwise (device `cpu`); an explicit `"gloo"` always gives device `cpu`.
+    Raises `DistributedEnvError` for a partial or inconsistent environment, because a silently
+    wrong rank would train on another rank's data shard or hang in the first collective.
+    """
+    present = [name for name in _REQUIRED if name in os.environ]
+    if not present:
+        if backend not in (None, "gloo", "nccl"):
+            raise DistributedEnvError(f"backend={backend!r}: expected None, 'gloo' or 'nccl'")
+        return 0, 1, torch.device("cpu")
+    missing = [name for name in _REQUIRED if name not in os.environ]
+    if missing:
+        raise DistributedEnvError(
+            f"torchrun environment is partial: {', '.join(present)} set but {', '.join(missing)} "
+            "missing; launch with torchrun or set all of " + ", ".join(_REQUIRED))
+    rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if world_size < 1:
+        raise DistributedEnvError(f"WORLD_SIZE={world_size}: expected >= 1")
+    if not 0 <= rank < world_size:
+        raise DistributedEnvError(f"RANK={rank}: expected 0 <= RANK < WORLD_SIZE={world_size}")
+    if not 0 <= local_rank <= rank:
+        raise DistributedEnvError(f"LOCAL_RANK={local_rank}: expected 0 <= LOCAL_RANK <= RANK={rank}")
+    _env_int("MASTER_PORT")
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise DistributedEnvError("backend='nccl' needs CUDA, which is not available; use 'gloo'")
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedEnvError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif backend == "gloo":
+        device = torch.device("cpu")
+    else:
+        raise DistributedEnvError(f"backend={backend!r}: expected None, 'gloo' or 'nccl'")
+
+    if dist.is_initialized():
+        raise DistributedEnvError("a default process group already exists; call init_distributed once")
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            device_id=device if backend == "nccl" else None)
+    logger.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
+    return rank, world_size, device
