@@ -195,3 +195,12 @@ def test_full_default_run_loss_clearly_falls(tmp_path, capsys):
     assert steps[0]["lm_loss"] > 9.0
     assert sum(r["lm_loss"] for r in steps[-10:]) / 10 < 5.5
     assert steps[-1]["dead_experts"] <= 2
+
+
+def test_too_little_data_for_the_vocabulary_is_a_one_line_error(tmp_path, run_cli):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("just a few words of text\n")
+    result = run_cli("--data", str(docs), "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, f"--data {docs}", "8192-token tokenizer")
+    assert not (tmp_path / "r").exists()

@@ -63,7 +63,12 @@ def build_data(config: RunConfig, vocab_size: int) -> Data:
     if config.data and not Path(config.data).exists():
         raise DataError(f"--data: {config.data} does not exist (expected a file or directory of .txt/.jsonl documents)")
     documents = read_text_documents(config.data) if config.data else embedded_corpus()
-    tokenizer = cached_tokenizer(documents, vocab_size=vocab_size)
+    try:
+        tokenizer = cached_tokenizer(documents, vocab_size=vocab_size)
+    except ValueError as e:  # sentencepiece: too little text for the vocabulary, etc.
+        source = f"--data {config.data}" if config.data else "embedded corpus"
+        raise DataError(f"{source}: cannot train a {vocab_size}-token tokenizer on it "
+                        f"({str(e).splitlines()[0]}); use more text or a smaller [model] vocab_size") from None
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     stream = pack_documents(tokenizer.encode_batch(documents), tokenizer.eos_id)
