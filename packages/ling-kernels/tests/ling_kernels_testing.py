@@ -1,0 +1,52 @@
+"""Shared test helpers: forcing a kernel path and comparing against a reference at a tolerance.
+
+Tolerances, per dtype, relative to max(1, largest |reference entry|): test inputs are O(1), so
+where the exact result is 0 (an H = 1 RMSNorm input gradient) both paths still leave roundoff
+of the inputs' scale, which a purely elementwise-relative check would call a mismatch.
+- fp32 1e-5: both paths do the same fp32 arithmetic, only in a different order (chunked
+  matmuls, chunked sums, fused kernels); reordering fp32 sums of O(100) terms moves results
+  by ~1e-7 relative, so 1e-5 leaves two orders of margin and still catches any real error.
+- bf16 1e-2: bf16 has an 8-bit mantissa (one rounding = 2^-9 ~ 0.2% relative). Both paths
+  round their outputs to bf16 once; the chunked weight gradient is rounded once per chunk
+  before its fp32 sum, and fp32 results one bit apart can round to neighbouring bf16 values
+  (1 ulp; seen between the Triton kernel and the reference), so the expected gap is a few
+  ulps (~0.2-0.8%) of the largest entry: 1e-2 holds (checked over 600 hypothesis examples)
+  while a wrong formula is off by O(1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@contextlib.contextmanager
+def kernel_mode(value: str | None) -> Iterator[None]:
+    """Set (or unset, for None) LING_KERNELS for the duration; hypothesis-safe (no fixture)."""
+    old = os.environ.get("LING_KERNELS")
+    if value is None:
+        os.environ.pop("LING_KERNELS", None)
+    else:
+        os.environ["LING_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LING_KERNELS", None)
+        else:
+            os.environ["LING_KERNELS"] = old
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """|actual - expected| <= rtol * (|expected| + max(1, max|expected|)), elementwise, in fp32."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    actual, expected = actual.detach().float(), expected.detach().float()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    rtol = RTOL[dtype]
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1.0))
