@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ling_kernels import fused_linear_cross_entropy
+
 from ling_core.config import LingConfig
 from ling_core.layers import Embedding, Linear, RMSNorm, SwiGLU
 from ling_core.moe import MoE
@@ -93,7 +95,7 @@ class LingModel(nn.Module):
 
 @dataclass
 class LingOutput:
-    logits: torch.Tensor  # [batch, seq, vocab]
+    logits: torch.Tensor | None  # [batch, seq, vocab]; None when labels were given (see forward)
     loss: torch.Tensor | None  # lm_loss + weighted auxiliaries (the training objective)
     lm_loss: torch.Tensor | None  # mean cross-entropy over non-ignored labels
     balance_loss: torch.Tensor  # mean over MoE layers (0 without MoE layers)
@@ -144,7 +146,11 @@ class LingForCausalLM(nn.Module):
             return F.normalize(self.lm_head.weight, dim=-1, eps=1e-7)
         return self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> LingOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                return_logits: bool = False) -> LingOutput:
+        """With `labels`, the loss comes from ling-kernels' chunked linear cross-entropy, which
+        never materialises the [tokens, vocab] logits; they are returned only without labels or
+        when `return_logits` asks for them."""
         x = self.model.word_embeddings(input_ids)
         routings = []
         for layer in self.model.layers:
@@ -152,20 +158,32 @@ class LingForCausalLM(nn.Module):
             if routing is not None:
                 routings.append(routing)
         x = self.model.norm(x)
-        logits = F.linear(x, self.output_weight())
+        weight = self.output_weight()
+        logits = F.linear(x, weight) if labels is None or return_logits else None
 
-        zero = logits.new_zeros((), dtype=torch.float32)
+        zero = x.new_zeros((), dtype=torch.float32)
         balance = torch.stack([r.balance_loss for r in routings]).mean() if routings else zero
         z_loss = torch.stack([r.router_z_loss for r in routings]).mean() if routings else zero
         tokens_per_expert = (torch.stack([r.tokens_per_expert for r in routings]) if routings
                              else torch.zeros(0, self.config.num_experts, dtype=torch.long))
         loss = lm_loss = None
         if labels is not None:
-            lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                      labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            lm_loss = self.lm_loss(x, weight, labels)
             loss = (lm_loss + self.config.balance_loss_weight * balance
                     + self.config.router_z_loss_weight * z_loss)
         return LingOutput(logits, loss, lm_loss, balance, z_loss, tokens_per_expert)
+
+    @staticmethod
+    def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The kernel is an autograd.Function; run it outside autocast with the dtype autocast
+        # would have used for the matmul, so its hand-written backward sees consistent dtypes.
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else hidden.dtype)
+        with torch.autocast(device_type, enabled=False):
+            loss, _ = fused_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels,
+                                                 ignore_index=IGNORE_INDEX)
+        return loss
 
     # --- HF IO (see ling_core.hf_io) ---
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
