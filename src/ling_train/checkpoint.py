@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ling_core import CheckpointError
-from ling_core.hf_io import replace_dir, write_hf_files
+from ling_core.hf_io import atomic_directory, write_hf_files, write_text_atomic
 
 TRAINER_STATE_DIR = "trainer_state"
 STATE_FILE = "state.pt"
@@ -28,11 +25,8 @@ LATEST = "latest"
 
 def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, checkpoints_dir: Path,
                     step: int, max_shard_bytes: int) -> Path:
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=checkpoints_dir))
-    tmp.chmod(0o755)
-    try:
+    with atomic_directory(final) as tmp:
         write_hf_files(model, model.config, tmp, max_shard_bytes)
         state_dir = tmp / TRAINER_STATE_DIR
         state_dir.mkdir()
@@ -40,13 +34,7 @@ def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, 
         (state_dir / RUN_CONFIG_FILE).write_text(run_config_toml)
         summary = {"step": step, "loader": trainer_state.get("loader")}
         (state_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pointer = checkpoints_dir / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, checkpoints_dir / LATEST)
+    write_text_atomic(checkpoints_dir / LATEST, final.name + "\n")
     return final
 
 

@@ -51,7 +51,7 @@ class UsageError(Exception):
 
 def build_config(args: argparse.Namespace):
     from ling_train import checkpoint as ckpt
-    from ling_train.config import RunConfig, load_toml, resolve
+    from ling_train.config import load_toml, resolve
     from ling_train.run import default_out
 
     import tomllib

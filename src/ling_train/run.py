@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ling_core import build_model, flops_per_token, load_weights
+from ling_core.hf_io import write_text_atomic
 from ling_data import PackedLoader, cached_tokenizer, embedded_corpus, pack_documents, read_text_documents
 from ling_data import DataError
 from ling_train import checkpoint as ckpt
@@ -80,12 +81,6 @@ def check_out_dir(out: Path, resuming: bool) -> None:
     if not resuming and out.exists() and any((out / name).exists() for name in ("metrics.jsonl", "checkpoints")):
         raise RunConfigError(f"--out: {out} already holds a run; pass --resume to continue it or choose "
                              f"another --out (nothing was overwritten)")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:

@@ -7,10 +7,12 @@ model, so peak memory stays near one model copy plus one shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,10 +31,26 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or does not match the model."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file so readers see the old or the new content, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to fill; on success it replaces `path` (an existing
+    one is removed only after the new one is in place), on failure it is deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should read like any directory
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_hf_files(model: torch.nn.Module, config: LingConfig, directory: Path,
@@ -76,15 +94,8 @@ def save_pretrained(model: torch.nn.Module, path: str | Path,
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should read like any directory
-    try:
+    with atomic_directory(path) as tmp:
         write_hf_files(model, model.config, tmp, max_shard_bytes)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

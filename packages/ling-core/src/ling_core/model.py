@@ -18,7 +18,7 @@ from ling_kernels import fused_linear_cross_entropy
 
 from ling_core.config import LingConfig
 from ling_core.layers import Embedding, Linear, RMSNorm, SwiGLU
-from ling_core.moe import MoE
+from ling_core.moe import MoE, Router
 
 IGNORE_INDEX = -100
 
@@ -135,7 +135,7 @@ class LingForCausalLM(nn.Module):
     def set_step(self, step: int) -> None:
         """Tell step-dependent layers (Stochastic Routing Warmup) the current training step."""
         for module in self.modules():
-            if hasattr(module, "routing_warmup_steps"):
+            if isinstance(module, Router):
                 module.step = step
 
     # --- forward ---
