@@ -20,6 +20,9 @@ from ling_data.errors import DataError
 logger = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The chat/tool-call template's markers (see ling_data.kg): always one token each, never split.
+CHAT_TEMPLATE_SYMBOLS = ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
+                         "<tool_response>", "</tool_response>")
 _MODEL_TYPES = ("bpe", "unigram")
 # Beyond this many lines, training uses a seeded sample of lines (the whole stdlib corpus
 # is ~33k lines and trains in well under a second).
@@ -54,8 +57,12 @@ class Tokenizer:
         model_path: str | os.PathLike[str],
         model_type: str = "bpe",
         seed: int = 0,
+        user_defined_symbols: Sequence[str] = (),
     ) -> Tokenizer:
         """Train on ``documents`` and write the model to ``model_path`` (atomically).
+
+        ``user_defined_symbols`` (e.g. :data:`CHAT_TEMPLATE_SYMBOLS`) get ids right after the
+        four special ids, in the order given, and always encode as one token.
 
         Each non-blank line of each document is one training sentence. The result depends
         only on the arguments: training is single-threaded (sentencepiece's multi-threaded
@@ -96,6 +103,7 @@ class Tokenizer:
                 max_sentence_length=_MAX_SENTENCE_BYTES,
                 num_threads=1,
                 minloglevel=2,
+                **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
             )
         except RuntimeError as error:
             raise ValueError(
@@ -157,17 +165,21 @@ class Tokenizer:
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self._encode(text)
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        """Token ids of each text, encoded on all cores."""
+    def encode_batch(self, texts: Iterable[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text, encoded on ``num_threads`` threads (-1: all cores)."""
         texts = list(texts)
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"encode_batch expects strings, got {type(text).__name__}")
-        return self._encode(texts) if texts else []
+        return self._encode(texts, num_threads) if texts else []
 
-    def _encode(self, text_or_texts: str | list[str]) -> Any:
+    def piece(self, token_id: int) -> str:
+        """The vocabulary piece of ``token_id`` (e.g. ``"<|im_start|>"``)."""
+        return self._processor.id_to_piece(token_id)
+
+    def _encode(self, text_or_texts: str | list[str], num_threads: int = -1) -> Any:
         try:
-            return self._processor.encode(text_or_texts, out_type=int)
+            return self._processor.encode(text_or_texts, out_type=int, num_threads=num_threads)
         except (RuntimeError, TypeError):
             # pybind11 cannot convert strings holding lone surrogates and says so obscurely;
             # encoding to UTF-8 raises a UnicodeEncodeError naming the position instead.
@@ -197,8 +209,9 @@ def cached_tokenizer(
     *,
     model_type: str = "bpe",
     seed: int = 0,
+    user_defined_symbols: Sequence[str] = (),
 ) -> Tokenizer:
-    """Train a tokenizer once per (documents, vocab_size, model_type, seed) and reuse it.
+    """Train a tokenizer once per (documents, vocab_size, model_type, seed, symbols) and reuse it.
 
     The model is stored as ``<cache_dir>/tokenizers/<model_type>-<vocab_size>-<key>.model``,
     where ``key`` is a sha256 of the documents and options. ``cache_dir`` defaults to
@@ -209,6 +222,8 @@ def cached_tokenizer(
     documents = list(documents)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(documents, vocab_size, model_type, seed)
+    if user_defined_symbols:  # only then, so that existing cache entries keep their keys
+        key = hashlib.sha256((key + "\0" + "\0".join(user_defined_symbols)).encode()).hexdigest()
     path = root / "tokenizers" / f"{model_type}-{vocab_size}-{key[:16]}.model"
     if path.exists():
         try:
@@ -218,7 +233,8 @@ def cached_tokenizer(
         else:
             logger.info("loaded cached tokenizer %s", path)
             return tokenizer
-    return Tokenizer.train(documents, vocab_size, path, model_type=model_type, seed=seed)
+    return Tokenizer.train(documents, vocab_size, path, model_type=model_type, seed=seed,
+                           user_defined_symbols=user_defined_symbols)
 
 
 def default_cache_dir() -> Path:
