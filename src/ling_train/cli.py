@@ -18,6 +18,7 @@ examples:
   ling-train --steps 50 --out runs/quick      # a shorter run into a chosen directory
   ling-train --size plus --dry-run            # params, FLOPs/token and memory, nothing allocated
   ling-train --config run.toml --data docs/   # TOML config, your own .txt/.jsonl documents
+  ling-train --data shards/                   # token shards written by `ling-data tokenize`
   ling-train --out runs/quick --resume        # continue runs/quick from its latest checkpoint
   ling-train --resume runs/quick/checkpoints/step-20 --out runs/branch
 """
@@ -31,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
     p.add_argument("--out", help="run directory (default runs/<size>-<timestamp>)")
     p.add_argument("--config", help="run config TOML; flags override its values")
-    p.add_argument("--data", help="file or directory of .txt/.jsonl documents (default: embedded corpus)")
+    p.add_argument("--data", help="file or directory of .txt/.jsonl documents, or a token shard directory "
+                                   "from `ling-data tokenize` (default: embedded corpus)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per step (default 16)")

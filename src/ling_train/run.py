@@ -13,8 +13,8 @@ import torch
 
 from ling_core import build_model, flops_per_token, load_weights
 from ling_core.hf_io import write_text_atomic
-from ling_data import PackedLoader, cached_tokenizer, embedded_corpus, pack_documents, read_text_documents
-from ling_data import DataError
+from ling_data import PackedLoader, TokenLoader, cached_tokenizer, embedded_corpus, pack_documents, read_text_documents
+from ling_data import DataError, is_shard_dir, load_manifest
 from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
 from ling_train.config import RunConfig, RunConfigError
@@ -54,13 +54,21 @@ def default_out(size: str) -> str:
 
 @dataclass
 class Data:
-    loader: PackedLoader
+    loader: PackedLoader | TokenLoader
     tokenizer_path: Path | None
     tokens: int
     documents: int
 
 
 def build_data(config: RunConfig, vocab_size: int) -> Data:
+    if config.data and is_shard_dir(config.data):  # written by `ling-data tokenize`
+        manifest = load_manifest(config.data)
+        if manifest["vocab_size"] > vocab_size:
+            raise DataError(f"--data {config.data}: its tokenizer has {manifest['vocab_size']} tokens but the "
+                            f"model's vocab_size is {vocab_size}; set [model] vocab_size >= {manifest['vocab_size']}")
+        loader = TokenLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+        tokenizer_path = Path(config.data) / manifest.get("tokenizer", "tokenizer.model")
+        return Data(loader, tokenizer_path if tokenizer_path.is_file() else None, loader.tokens, loader.documents)
     if config.data and not Path(config.data).exists():
         raise DataError(f"--data: {config.data} does not exist (expected a file or directory of .txt/.jsonl documents)")
     documents = read_text_documents(config.data) if config.data else embedded_corpus()
