@@ -113,6 +113,13 @@ class NearDuplicateIndex:
 
     def find(self, signature: np.ndarray) -> int | None:
         """Index of a kept document this one near-duplicates, or ``None``."""
+        return next(self._matches(signature), None)
+
+    def matches(self, signature: np.ndarray) -> list[int]:
+        """Indices of every indexed document this one near-duplicates."""
+        return list(self._matches(signature))
+
+    def _matches(self, signature: np.ndarray):
         seen: set[int] = set()
         for buckets, key in zip(self._buckets, self._band_keys(signature)):
             for candidate in buckets.get(key, ()):
@@ -120,8 +127,7 @@ class NearDuplicateIndex:
                     continue
                 seen.add(candidate)
                 if np.mean(self._signatures[candidate] == signature) >= self.threshold:
-                    return candidate
-        return None
+                    yield candidate
 
     def add(self, signature: np.ndarray) -> int:
         index = len(self._signatures)
