@@ -11,12 +11,15 @@ output does not depend on the number of workers.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -58,10 +61,13 @@ def tokenize_to_shards(
     started = time.perf_counter()
     stats = ReadStats()
     chunks = _chunks(read_documents(inputs, skip_bad=skip_bad, stats=stats), shard_chars)
-    with atomic_directory(out) as temp, tqdm(desc="tokenize", unit=" tok", unit_scale=True,
-                                             disable=not progress) as bar:
+    with contextlib.ExitStack() as stack:
+        # The pool first: a progress bar may start a monitor thread, which rules out fork.
+        pool = stack.enter_context(_pool(Path(tokenizer_path), workers))
+        temp = stack.enter_context(atomic_directory(out))
+        bar = stack.enter_context(tqdm(desc="tokenize", unit=" tok", unit_scale=True, disable=not progress))
         entries = []
-        for entry in _encode_chunks(chunks, Path(tokenizer_path), temp, dtype, workers, zstd_level):
+        for entry in _encode_chunks(chunks, pool, 2 * workers, temp, dtype, zstd_level):
             entries.append(entry)
             bar.update(entry["tokens"])
         if not entries:
@@ -98,24 +104,41 @@ def _chunks(documents: Iterator, shard_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encode_chunks(chunks: Iterator[list[str]], tokenizer_path: Path, out: Path, dtype: str,
-                   workers: int, level: int) -> Iterator[dict[str, Any]]:
-    """Shard entries in chunk order; at most ``2 * workers`` chunks in flight (bounded memory)."""
-    numbered = ((f"shard-{index:05d}.zst", chunk) for index, chunk in enumerate(chunks))
+@contextlib.contextmanager
+def _pool(tokenizer_path: Path, workers: int) -> Iterator[Any]:
+    """A process pool of ``workers`` encoders, or ``None`` to encode in this process."""
     if workers <= 1:
         _init_worker(tokenizer_path)
+        yield None
+        return
+    context = multiprocessing.get_context(_start_method())
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        yield pool
+
+
+def _encode_chunks(chunks: Iterator[list[str]], pool: Any, in_flight: int, out: Path, dtype: str,
+                   level: int) -> Iterator[dict[str, Any]]:
+    """Shard entries in chunk order; at most ``in_flight`` chunks queued (bounded memory)."""
+    numbered = ((f"shard-{index:05d}.zst", chunk) for index, chunk in enumerate(chunks))
+    if pool is None:
         for name, chunk in numbered:
             yield _encode_shard(name, chunk, out, dtype, level)
         return
-    context = multiprocessing.get_context("spawn")  # fork after torch/threads is unsafe
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
-        pending: collections.deque = collections.deque()
-        for name, chunk in numbered:
-            pending.append(pool.apply_async(_encode_shard, (name, chunk, out, dtype, level)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+    pending: collections.deque = collections.deque()
+    for name, chunk in numbered:
+        pending.append(pool.apply_async(_encode_shard, (name, chunk, out, dtype, level)))
+        if len(pending) >= in_flight:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _start_method() -> str:
+    """``fork`` where it is safe and cheap (Linux, no other threads, torch not loaded: the
+    ``ling-data`` command); else ``spawn``, which re-imports ling-data in each worker (~1 s)."""
+    if sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules:
+        return "fork"
+    return "spawn"
 
 
 def _init_worker(tokenizer_path: Path) -> None:
@@ -123,10 +146,16 @@ def _init_worker(tokenizer_path: Path) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
-def _encode_shard(name: str, texts: list[str], out: Path, dtype: str, level: int) -> dict[str, Any]:
+def _token_arrays(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document token counts and all tokens, encoded by this process's tokenizer."""
     ids = _worker_tokenizer.encode_batch(texts, num_threads=1)
     lengths = np.fromiter(map(len, ids), dtype=np.uint32, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum(dtype=np.int64)))
+    return lengths, tokens
+
+
+def _encode_shard(name: str, texts: list[str], out: Path, dtype: str, level: int) -> dict[str, Any]:
+    lengths, tokens = _token_arrays(texts)
     data = encode_shard(lengths, tokens, dtype, level)
     (out / name).write_bytes(data)
     return {"file": name, "documents": len(texts), "tokens": len(tokens), "bytes": len(data),

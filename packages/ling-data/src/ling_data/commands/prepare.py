@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ling_data.errors import DataError
     from ling_data.filters import FilterConfig
-    from ling_data.prepare import PrepareConfig, prepare
+    from ling_data.preparation import PrepareConfig, prepare
 
     filters = FilterConfig()
     if args.no_filters:
