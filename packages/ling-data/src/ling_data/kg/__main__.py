@@ -1,0 +1,5 @@
+import sys
+
+from ling_data.kg.cli import main
+
+sys.exit(main())
