@@ -136,6 +136,11 @@ def test_eval_sets_follow_the_contract(synthesis) -> None:
         assert capital_of_kenya[0]["choices"][capital_of_kenya[0]["answer"]] == " Nairobi"
     for row in synthesis.eval_gen:
         assert set(row) == {"id", "prompt", "answer"} and row["answer"]
+    for row in synthesis.eval_gen:
+        assert len(row["answer"]) == len(set(row["answer"]))
+    brazil = [r for r in synthesis.eval_gen if r["prompt"] == "Q: What is the capital of Brazil?\nA:"]
+    if brazil:
+        assert brazil[0]["answer"] == ["Brasília", "Brasilia"]
     euro = [r for r in synthesis.eval_gen if "EUR" in r["answer"]]
     assert all("Euro" in r["answer"] for r in euro)
 

@@ -9,6 +9,7 @@ and its accepted answers. Both use only the test split's countries and cities.
 from __future__ import annotations
 
 import random
+import unicodedata
 from collections.abc import Callable
 
 from ling_data.kg.graph import Entity, KnowledgeGraph
@@ -44,6 +45,12 @@ def _pool(graph: KnowledgeGraph, relation: str) -> list[str]:
     return sorted({graph.value(s, relation).name for s in graph.entities(subject_type) if graph.value(s, relation)})
 
 
+def _ascii(name: str) -> str:
+    """The name without accents ("Brasília" -> "Brasilia"), an accepted spelling too."""
+    decomposed = unicodedata.normalize("NFKD", name)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
 def multiple_choice(graph: KnowledgeGraph, split: EntitySplit, seed: int) -> list[dict]:
     rng = random.Random(f"{seed}:kg-mc")
     rows = []
@@ -67,7 +74,9 @@ def generation(graph: KnowledgeGraph, split: EntitySplit, currency_names: Callab
     rows = []
     for fact, (_, prompt, subject_type, relation) in FACTS.items():
         for subject, value in _held_out_facts(graph, split, subject_type, relation):
-            accepted = [value.name] + (currency_names(value.name) if relation == "currency" else [])
+            accepted = [value.name, _ascii(value.name)]
+            if relation == "currency":
+                accepted += currency_names(value.name)
             rows.append({
                 "id": f"kg-gen-{fact}-{len(rows):05d}",
                 "prompt": prompt.format(name=subject.name),

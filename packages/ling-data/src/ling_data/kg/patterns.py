@@ -343,6 +343,14 @@ PATTERNS: tuple[Pattern, ...] = (
         lambda s: [("get_neighbours", {"country": s["country"]}), ("argmax", {"countries": Ref(0), "attribute": "population"}),
                    ("get_capital", {"country": Ref(1)})],
         lambda g, s: _name(_fact(g, _largest(g, _neighbours(g, s), "population"), "capital"))),
+    Pattern("capital_population_of_most_populous_neighbour", "chain", (
+        "How many people live in the capital of the most populous country bordering {country}?",
+        "What is the population of the capital of the largest neighbour of {country} by population?",
+        "Among the neighbours of {country}, take the most populous one: how many people live in its capital?",
+    ), _one_country("borders"),
+        lambda s: [("get_neighbours", {"country": s["country"]}), ("argmax", {"countries": Ref(0), "attribute": "population"}),
+                   ("get_capital", {"country": Ref(1)}), ("get_city_population", {"city": Ref(2)})],
+        lambda g, s: _fact(g, _fact(g, _largest(g, _neighbours(g, s), "population"), "capital"), "population")),
 )
 
 PATTERNS_BY_NAME = {pattern.name: pattern for pattern in PATTERNS}

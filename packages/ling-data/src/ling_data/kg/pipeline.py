@@ -19,7 +19,7 @@ from ling_data.kg.dedup import near_duplicates
 from ling_data.kg.evalsets import generation, multiple_choice
 from ling_data.kg.facts import build_graph, currency_names
 from ling_data.kg.generate import Draft, draw_all
-from ling_data.kg.graph import ENTITY_TYPES, KnowledgeGraph
+from ling_data.kg.graph import ENTITY_TYPES, Entity, KnowledgeGraph
 from ling_data.kg.patterns import PATTERNS, PATTERNS_BY_NAME
 from ling_data.kg.render import FORMATS, render, system_prompt
 from ling_data.kg.split import hold_out
@@ -153,7 +153,7 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
         "eval": {"kg_mc": len(eval_mc), "kg_gen": len(eval_gen)},
     }
     triples = [
-        {"subject": str(t.subject), "relation": t.relation, "object": t.object if not hasattr(t.object, "type") else str(t.object)}
+        {"subject": str(t.subject), "relation": t.relation, "object": str(t.object) if isinstance(t.object, Entity) else t.object}
         for t in graph
     ]
     return Synthesis(tools, rows["train"], rows["test"], eval_mc, eval_gen, triples, report)
