@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -193,3 +195,15 @@ def test_cli_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
     assert not (tmp_path / "kg").exists()
+
+
+def test_readme_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The README's kg command, with its flags as written (fewer questions to stay fast)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Tool-use data from a knowledge graph", 1)[1]
+    [command] = re.findall(r"```bash\n(.*?)\n```", section, flags=re.DOTALL)
+    argv = shlex.split(command.split("#", 1)[0])
+    assert argv[:4] == ["uv", "run", "python", "-m"] and argv[4] == "ling_data.kg"
+    flags = [str(tmp_path / arg) if arg == "data/kg" else arg for arg in argv[5:]]
+    assert main([*flags, "--samples-per-pattern", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_samples"] > 0
