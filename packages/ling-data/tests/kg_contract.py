@@ -24,7 +24,12 @@ def parse_continuation(continuation: str, format: str) -> dict | None:
         action = re.search(r"^Action: (.+)$", continuation, flags=re.MULTILINE)
         action_input = re.search(r"^Action Input: (.+)$", continuation, flags=re.MULTILINE)
         if action and action_input:
-            return {"tool_call": {"name": action.group(1).strip(), "arguments": json.loads(action_input.group(1))}}
+            return {
+                "tool_call": {
+                    "name": action.group(1).strip(),
+                    "arguments": json.loads(action_input.group(1)),
+                }
+            }
     final = re.search(r"^Final Answer: (.*)$", continuation, flags=re.MULTILINE)
     return {"final_answer": final.group(1)} if final else None
 
@@ -41,9 +46,11 @@ def check_rendering(sample: dict) -> None:
             assert prompt.endswith("<|im_start|>assistant\n")
         else:
             assert re.search(r"\nObservation: [^\n]*\n\Z", prompt)
-        assert parse_continuation(text[len(prompt):], fmt) == turn["expect"]
-    for call, turn in zip(calls, turns):
-        assert turn["expect"] == {"tool_call": {"name": call["name"], "arguments": call["arguments"]}}
+        assert parse_continuation(text[len(prompt) :], fmt) == turn["expect"]
+    for call, turn in zip(calls, turns[:-1], strict=True):
+        assert turn["expect"] == {
+            "tool_call": {"name": call["name"], "arguments": call["arguments"]}
+        }
     observed = re.findall(r"(?:<tool_response>|Observation: )(.*?)(?:</tool_response>|\n)", text)
     assert [json.loads(o) for o in observed] == [call["result"] for call in calls]
     assert text.endswith(f"Final Answer: {sample['answer']}<|im_end|>\n")

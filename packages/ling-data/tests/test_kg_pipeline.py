@@ -12,17 +12,37 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ling_data.kg import Entity, Executor, KnowledgeGraph, SynthesisConfig, build_graph, check_sample, synthesize
+from ling_data.kg import (
+    Entity,
+    Executor,
+    KnowledgeGraph,
+    SynthesisConfig,
+    build_graph,
+    check_sample,
+    synthesize,
+)
 from ling_data.kg.cli import main
 from ling_data.kg.patterns import PATTERNS
 from ling_data.kg.render import FORMATS
 from ling_data.kg.split import hold_out
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make kg_contract importable
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # importlib mode: make kg_contract importable
 from kg_contract import check_rendering  # noqa: E402
 
-CONTRACT_KEYS = {"id", "pattern", "hops", "format", "entities", "question", "calls", "answer", "text", "turns"}
+CONTRACT_KEYS = {
+    "id",
+    "pattern",
+    "hops",
+    "format",
+    "entities",
+    "question",
+    "calls",
+    "answer",
+    "text",
+    "turns",
+}
 CONFIG = SynthesisConfig(samples_per_pattern=6, seed=3)
 
 
@@ -55,7 +75,10 @@ def test_graph_holds_real_facts(graph: KnowledgeGraph, executor: Executor) -> No
         for neighbour in graph.objects(country, "borders"):
             assert country in graph.objects(neighbour, "borders") and neighbour != country
     for city in graph.entities("city"):
-        assert isinstance(graph.value(city, "located_in"), Entity) and graph.value(city, "population") > 0
+        assert (
+            isinstance(graph.value(city, "located_in"), Entity)
+            and graph.value(city, "population") > 0
+        )
 
 
 def test_samples_follow_the_contract(synthesis) -> None:
@@ -64,7 +87,9 @@ def test_samples_follow_the_contract(synthesis) -> None:
     assert len({row["id"] for row in rows}) == len(rows)
     for row in rows:
         assert set(row) == CONTRACT_KEYS
-        assert row["format"] in FORMATS and row["hops"] == len(row["calls"]) and 1 <= row["hops"] <= 4
+        assert (
+            row["format"] in FORMATS and row["hops"] == len(row["calls"]) and 1 <= row["hops"] <= 4
+        )
         assert row["text"].startswith("<|im_start|>system\nYou can call these tools:\n")
         assert json.loads(json.dumps(row)) == row  # plain JSON values only
         check_rendering(row)
@@ -90,13 +115,19 @@ def test_verifier_rejects_tampered_samples(synthesis, executor: Executor, data) 
         tampered["answer"] = "Atlantis " + row["answer"]
     elif how == "result":
         result = call["result"]
-        call["result"] = result + 1 if isinstance(result, (int, float)) else [] if result else ["Atlantis"]
+        call["result"] = (
+            result + 1 if isinstance(result, (int, float)) else [] if result else ["Atlantis"]
+        )
         if isinstance(result, str):
             call["result"] = result + "x"
     elif how == "argument":
         key = sorted(call["arguments"])[0]
         value = call["arguments"][key]
-        call["arguments"][key] = value + 1 if isinstance(value, (int, float)) else (value + ["Atlantis"] if isinstance(value, list) else value + "x")
+        call["arguments"][key] = (
+            value + 1
+            if isinstance(value, (int, float))
+            else (value + ["Atlantis"] if isinstance(value, list) else value + "x")
+        )
     else:
         del tampered["calls"][index]
     assert check_sample(tampered, executor) is not None
@@ -140,7 +171,9 @@ def test_eval_sets_follow_the_contract(synthesis) -> None:
         assert set(row) == {"id", "prompt", "answer"} and row["answer"]
     for row in synthesis.eval_gen:
         assert len(row["answer"]) == len(set(row["answer"]))
-    brazil = [r for r in synthesis.eval_gen if r["prompt"] == "Q: What is the capital of Brazil?\nA:"]
+    brazil = [
+        r for r in synthesis.eval_gen if r["prompt"] == "Q: What is the capital of Brazil?\nA:"
+    ]
     if brazil:
         assert brazil[0]["answer"] == ["Brasília", "Brasilia"]
     euro = [r for r in synthesis.eval_gen if "EUR" in r["answer"]]
@@ -149,24 +182,36 @@ def test_eval_sets_follow_the_contract(synthesis) -> None:
 
 def test_report_counts_add_up(synthesis) -> None:
     report = synthesis.report
-    assert report["train_samples"] == len(synthesis.train) and report["test_samples"] == len(synthesis.test)
+    assert report["train_samples"] == len(synthesis.train) and report["test_samples"] == len(
+        synthesis.test
+    )
     for counts in report["patterns"].values():
         assert counts["generated"] == (
-            counts["dropped_by_verifier"] + counts["dropped_as_duplicates"] + counts["train"] + counts["test"]
+            counts["dropped_by_verifier"]
+            + counts["dropped_as_duplicates"]
+            + counts["train"]
+            + counts["test"]
         )
     assert report["train_samples"] == report["train_questions"] * len(CONFIG.formats)
 
 
 def test_same_seed_same_data_other_seed_other_data(synthesis, graph: KnowledgeGraph) -> None:
     again = synthesize(CONFIG, graph)
-    assert again.train == synthesis.train and again.test == synthesis.test and again.eval_mc == synthesis.eval_mc
+    assert (
+        again.train == synthesis.train
+        and again.test == synthesis.test
+        and again.eval_mc == synthesis.eval_mc
+    )
     other = synthesize(replace(CONFIG, seed=CONFIG.seed + 1), graph)
     assert [r["question"] for r in other.train] != [r["question"] for r in synthesis.train]
 
 
 def test_cli_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "kg"
-    assert main(["--out", str(out), "--samples-per-pattern", "2", "--formats", "react", "--seed", "1"]) == 0
+    assert (
+        main(["--out", str(out), "--samples-per-pattern", "2", "--formats", "react", "--seed", "1"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
@@ -190,7 +235,9 @@ def test_cli_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) 
         (["--samples-per-pattern", "0"], "samples per pattern must be >= 1"),
     ],
 )
-def test_cli_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, flags, message) -> None:
+def test_cli_bad_flags_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags, message
+) -> None:
     assert main(["--out", str(tmp_path / "kg"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err

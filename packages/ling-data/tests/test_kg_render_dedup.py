@@ -10,23 +10,31 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from ling_data.kg.answers import answers_match, format_answer
 from ling_data.kg.dedup import jaccard, near_duplicates, shingles
 from ling_data.kg.render import FORMATS, THOUGHTS, render, system_prompt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make kg_contract importable
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # importlib mode: make kg_contract importable
 from kg_contract import check_rendering  # noqa: E402
 
-
-TOOLS = [{"type": "function", "function": {"name": "get_capital", "description": "d", "parameters": {}}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_capital", "description": "d", "parameters": {}}}
+]
 # Entity-like names: any printable text without the chat frame's markers or line breaks.
 names = st.text(
-    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="<>\u2028\u2029\x85"),
-    min_size=1, max_size=12,
+    st.characters(
+        blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="<>\u2028\u2029\x85"
+    ),
+    min_size=1,
+    max_size=12,
 )
 results = st.recursive(
-    names | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans(),
+    names
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.booleans(),
     lambda inner: st.lists(inner, max_size=3),
     max_leaves=5,
 )
@@ -38,14 +46,23 @@ def chains(draw) -> list[dict]:
     for _ in range(draw(st.integers(1, 4))):
         name = draw(st.sampled_from(sorted(THOUGHTS)))
         placeholders = re.findall(r"\{(\w+)\}", THOUGHTS[name])
-        arguments = {key: draw(names) for key in placeholders} | draw(st.dictionaries(st.sampled_from("abz"), results, max_size=2))
+        arguments = {key: draw(names) for key in placeholders} | draw(
+            st.dictionaries(st.sampled_from("abz"), results, max_size=2)
+        )
         calls.append({"name": name, "arguments": arguments, "result": draw(results)})
     return calls
 
 
 @settings(max_examples=200, deadline=None)
-@given(question=names, calls=chains(), answer=names.map(str.strip).filter(bool), fmt=st.sampled_from(FORMATS))
-def test_rendering_parses_back_to_the_gold_calls(question: str, calls: list[dict], answer: str, fmt: str) -> None:
+@given(
+    question=names,
+    calls=chains(),
+    answer=names.map(str.strip).filter(bool),
+    fmt=st.sampled_from(FORMATS),
+)
+def test_rendering_parses_back_to_the_gold_calls(
+    question: str, calls: list[dict], answer: str, fmt: str
+) -> None:
     text, turns = render(question, calls, answer, system_prompt(TOOLS), fmt)
     check_rendering({"text": text, "turns": turns, "calls": calls, "format": fmt, "answer": answer})
 
@@ -87,7 +104,9 @@ def brute_force(texts: list[str], threshold: float, n: int, keys: list[str]) -> 
     kept: list[int] = []
     result: list[int | None] = []
     for i, s in enumerate(sets):
-        match = next((j for j in kept if keys[i] == keys[j] and jaccard(s, sets[j]) >= threshold), None)
+        match = next(
+            (j for j in kept if keys[i] == keys[j] and jaccard(s, sets[j]) >= threshold), None
+        )
         result.append(match)
         if match is None:
             kept.append(i)
@@ -96,7 +115,9 @@ def brute_force(texts: list[str], threshold: float, n: int, keys: list[str]) -> 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    texts=st.lists(st.lists(st.sampled_from("a b c d e f g h".split()), max_size=8).map(" ".join), max_size=30),
+    texts=st.lists(
+        st.lists(st.sampled_from("a b c d e f g h".split()), max_size=8).map(" ".join), max_size=30
+    ),
     threshold=st.sampled_from([0.3, 0.5, 0.6, 0.75, 0.8, 0.9, 1.0]),
     n=st.integers(1, 3),
     data=st.data(),

@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from ling_data.kg.graph import Entity, KnowledgeGraph, Triple
 from ling_data.kg.tools import Executor, ToolError, tool_definitions
 
@@ -20,21 +19,29 @@ def tiny_graph() -> KnowledgeGraph:
     """Three countries in a row (A - B - C), B and C on the euro, A without a capital."""
     europe = Entity("continent", "Europe")
     facts = [
-        (country("Aland"), "population", 100), (country("Aland"), "area_km2", 10.0),
-        (country("Borduria"), "population", 300), (country("Borduria"), "area_km2", 30.0),
-        (country("Carpania"), "population", 200), (country("Carpania"), "area_km2", 50.0),
+        (country("Aland"), "population", 100),
+        (country("Aland"), "area_km2", 10.0),
+        (country("Borduria"), "population", 300),
+        (country("Borduria"), "area_km2", 30.0),
+        (country("Carpania"), "population", 200),
+        (country("Carpania"), "area_km2", 50.0),
         (country("Aland"), "currency", Entity("currency", "ALD")),
         (country("Borduria"), "currency", Entity("currency", "EUR")),
         (country("Carpania"), "currency", Entity("currency", "EUR")),
-        (city("Szohod"), "located_in", country("Borduria")), (city("Szohod"), "population", 50),
+        (city("Szohod"), "located_in", country("Borduria")),
+        (city("Szohod"), "population", 50),
         (country("Borduria"), "capital", city("Szohod")),
-        (city("Tirana2"), "located_in", country("Carpania")), (city("Tirana2"), "population", 20),
+        (city("Tirana2"), "located_in", country("Carpania")),
+        (city("Tirana2"), "population", 20),
     ]
     triples = [Triple(s, r, o) for s, r, o in facts]
     for name in ("Aland", "Borduria", "Carpania"):
         triples.append(Triple(country(name), "continent", europe))
     for a, b in (("Aland", "Borduria"), ("Borduria", "Carpania")):
-        triples += [Triple(country(a), "borders", country(b)), Triple(country(b), "borders", country(a))]
+        triples += [
+            Triple(country(a), "borders", country(b)),
+            Triple(country(b), "borders", country(a)),
+        ]
     return KnowledgeGraph(triples)
 
 
@@ -59,7 +66,10 @@ def test_graph_queries(executor: Executor) -> None:
     graph = executor.graph
     assert graph.value(country("Borduria"), "capital") == city("Szohod")
     assert graph.value(country("Aland"), "capital") is None
-    assert graph.subjects("currency", Entity("currency", "EUR")) == [country("Borduria"), country("Carpania")]
+    assert graph.subjects("currency", Entity("currency", "EUR")) == [
+        country("Borduria"),
+        country("Carpania"),
+    ]
     assert [e.name for e in graph.entities("country")] == ["Aland", "Borduria", "Carpania"]
 
 
@@ -69,10 +79,19 @@ def test_lookups_lists_and_arithmetic(executor: Executor) -> None:
     assert call("get_city_population", {"city": "Szohod"}) == 50
     assert call("get_neighbours", {"country": "Borduria"}) == ["Aland", "Carpania"]
     assert call("countries_with_currency", {"currency": "EUR"}) == ["Borduria", "Carpania"]
-    assert call("countries_in_continent", {"continent": "Europe"}) == ["Aland", "Borduria", "Carpania"]
+    assert call("countries_in_continent", {"continent": "Europe"}) == [
+        "Aland",
+        "Borduria",
+        "Carpania",
+    ]
     assert call("argmax", {"countries": ["Aland", "Carpania"], "attribute": "area"}) == "Carpania"
-    assert call("argmax", {"countries": ["Aland", "Borduria", "Carpania"], "attribute": "population"}) == "Borduria"
-    assert call("intersection", {"a": ["Aland", "Carpania"], "b": ["Carpania", "Borduria"]}) == ["Carpania"]
+    assert (
+        call("argmax", {"countries": ["Aland", "Borduria", "Carpania"], "attribute": "population"})
+        == "Borduria"
+    )
+    assert call("intersection", {"a": ["Aland", "Carpania"], "b": ["Carpania", "Borduria"]}) == [
+        "Carpania"
+    ]
     assert call("divide", {"a": 1, "b": 3}) == 0.3333
     assert call("compare", {"a": 2, "b": 2.0}) == "equal"
     assert call("count", {"items": ["x", "y"]}) == 2
@@ -111,7 +130,9 @@ def test_tool_definitions_are_openai_function_schemas(executor: Executor) -> Non
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 names = st.sampled_from(["Aland", "Borduria", "Carpania", "Szohod", "Europe", "EUR", "", "x"])
@@ -120,9 +141,24 @@ argument_values = json_values | names | st.lists(names, max_size=4)
 
 @settings(max_examples=300, deadline=None)
 @given(
-    name=st.sampled_from([t["function"]["name"] for t in tool_definitions(tiny_graph())] + ["nope"]),
+    name=st.sampled_from(
+        [t["function"]["name"] for t in tool_definitions(tiny_graph())] + ["nope"]
+    ),
     arguments=st.dictionaries(
-        st.sampled_from(["country", "city", "continent", "currency", "a", "b", "items", "countries", "attribute", "z"]),
+        st.sampled_from(
+            [
+                "country",
+                "city",
+                "continent",
+                "currency",
+                "a",
+                "b",
+                "items",
+                "countries",
+                "attribute",
+                "z",
+            ]
+        ),
         argument_values,
         max_size=3,
     )

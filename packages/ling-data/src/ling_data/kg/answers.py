@@ -8,8 +8,13 @@ import re
 from typing import Any
 
 # Which entity type a tool's argument or result names (lists name one entity per item).
-ARGUMENT_TYPES = {"country": "country", "city": "city", "continent": "continent", "currency": "currency",
-                  "countries": "country"}
+ARGUMENT_TYPES = {
+    "country": "country",
+    "city": "city",
+    "continent": "continent",
+    "currency": "currency",
+    "countries": "country",
+}
 RESULT_TYPES = {
     "get_capital": "city",
     "get_currency": "currency",

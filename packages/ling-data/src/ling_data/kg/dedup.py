@@ -57,7 +57,11 @@ def near_duplicates(
         prefix = ordered[: len(ordered) - math.ceil(threshold * len(ordered) - 1e-9) + 1]
         candidates = sorted({j for shingle in prefix for j in index[shingle]})
         match = next(
-            (j for j in candidates if (keys is None or keys[i] == keys[j]) and jaccard(s, sets[j]) >= threshold),
+            (
+                j
+                for j in candidates
+                if (keys is None or keys[i] == keys[j]) and jaccard(s, sets[j]) >= threshold
+            ),
             None,
         )
         duplicate_of.append(match)

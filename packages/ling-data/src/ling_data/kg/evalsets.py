@@ -19,22 +19,42 @@ N_CHOICES = 4
 
 # relation name -> (MC stem, generation prompt, subject type, graph relation)
 FACTS: dict[str, tuple[str, str, str, str]] = {
-    "capital": ("The capital of {name} is", "Q: What is the capital of {name}?\nA:", "country", "capital"),
-    "continent": ("{name} is a country in", "Q: On which continent is {name}?\nA:", "country", "continent"),
+    "capital": (
+        "The capital of {name} is",
+        "Q: What is the capital of {name}?\nA:",
+        "country",
+        "capital",
+    ),
+    "continent": (
+        "{name} is a country in",
+        "Q: On which continent is {name}?\nA:",
+        "country",
+        "continent",
+    ),
     "currency": (
         "The ISO code of the currency of {name} is",
         "Q: What is the ISO code of the currency of {name}?\nA:",
         "country",
         "currency",
     ),
-    "city_country": ("{name} is a city in", "Q: In which country is the city of {name}?\nA:", "city", "located_in"),
+    "city_country": (
+        "{name} is a city in",
+        "Q: In which country is the city of {name}?\nA:",
+        "city",
+        "located_in",
+    ),
 }
 
 
-def _held_out_facts(graph: KnowledgeGraph, split: EntitySplit, subject_type: str, relation: str) -> list[tuple[Entity, Entity]]:
+def _held_out_facts(
+    graph: KnowledgeGraph, split: EntitySplit, subject_type: str, relation: str
+) -> list[tuple[Entity, Entity]]:
     facts = []
     for subject in graph.entities(subject_type):
-        if str(subject) in split.test_entities and (value := graph.value(subject, relation)) is not None:
+        if (
+            str(subject) in split.test_entities
+            and (value := graph.value(subject, relation)) is not None
+        ):
             facts.append((subject, value))
     return facts
 
@@ -42,7 +62,13 @@ def _held_out_facts(graph: KnowledgeGraph, split: EntitySplit, subject_type: str
 def _pool(graph: KnowledgeGraph, relation: str) -> list[str]:
     """Every value the relation takes anywhere in the graph: the distractor pool."""
     subject_type = "city" if relation == "located_in" else "country"
-    return sorted({graph.value(s, relation).name for s in graph.entities(subject_type) if graph.value(s, relation)})
+    return sorted(
+        {
+            graph.value(s, relation).name
+            for s in graph.entities(subject_type)
+            if graph.value(s, relation)
+        }
+    )
 
 
 def _ascii(name: str) -> str:
@@ -60,16 +86,20 @@ def multiple_choice(graph: KnowledgeGraph, split: EntitySplit, seed: int) -> lis
             distractors = rng.sample([name for name in pool if name != value.name], N_CHOICES - 1)
             choices = [value.name, *distractors]
             rng.shuffle(choices)
-            rows.append({
-                "id": f"kg-mc-{fact}-{len(rows):05d}",
-                "question": stem.format(name=subject.name),
-                "choices": [f" {choice}" for choice in choices],
-                "answer": choices.index(value.name),
-            })
+            rows.append(
+                {
+                    "id": f"kg-mc-{fact}-{len(rows):05d}",
+                    "question": stem.format(name=subject.name),
+                    "choices": [f" {choice}" for choice in choices],
+                    "answer": choices.index(value.name),
+                }
+            )
     return rows
 
 
-def generation(graph: KnowledgeGraph, split: EntitySplit, currency_names: Callable[[str], list[str]]) -> list[dict]:
+def generation(
+    graph: KnowledgeGraph, split: EntitySplit, currency_names: Callable[[str], list[str]]
+) -> list[dict]:
     """`currency_names(code)` gives extra accepted spellings of a currency (e.g. "Euro")."""
     rows = []
     for fact, (_, prompt, subject_type, relation) in FACTS.items():
@@ -77,9 +107,11 @@ def generation(graph: KnowledgeGraph, split: EntitySplit, currency_names: Callab
             accepted = [value.name, _ascii(value.name)]
             if relation == "currency":
                 accepted += currency_names(value.name)
-            rows.append({
-                "id": f"kg-gen-{fact}-{len(rows):05d}",
-                "prompt": prompt.format(name=subject.name),
-                "answer": list(dict.fromkeys(accepted)),
-            })
+            rows.append(
+                {
+                    "id": f"kg-gen-{fact}-{len(rows):05d}",
+                    "prompt": prompt.format(name=subject.name),
+                    "answer": list(dict.fromkeys(accepted)),
+                }
+            )
     return rows

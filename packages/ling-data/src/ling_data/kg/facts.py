@@ -49,10 +49,14 @@ def build_graph(cities_per_country: int = 3) -> KnowledgeGraph:
         country = country_entity[iso]
         graph.add(Triple(country, "population", int(row["population"])))
         graph.add(Triple(country, "area_km2", float(row["areakm2"])))
-        graph.add(Triple(country, "continent", Entity("continent", continents[row["continentcode"]])))
+        graph.add(
+            Triple(country, "continent", Entity("continent", continents[row["continentcode"]]))
+        )
         if row["currencycode"]:
             graph.add(Triple(country, "currency", Entity("currency", row["currencycode"])))
-    for (iso, name), (population, is_capital) in sorted(kept_cities.items(), key=lambda kv: kv[0][1]):
+    for (iso, name), (population, is_capital) in sorted(
+        kept_cities.items(), key=lambda kv: kv[0][1]
+    ):
         city = Entity("city", name)
         graph.add(Triple(city, "located_in", country_entity[iso]))
         graph.add(Triple(city, "population", population))

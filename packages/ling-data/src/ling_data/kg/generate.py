@@ -30,7 +30,10 @@ class Draft:
 
 def resolve(arguments: dict[str, Any], results: list[Any]) -> dict[str, Any]:
     """Replace `Ref(i)` arguments by the result of call i."""
-    return {key: results[value.index] if isinstance(value, Ref) else value for key, value in arguments.items()}
+    return {
+        key: results[value.index] if isinstance(value, Ref) else value
+        for key, value in arguments.items()
+    }
 
 
 def execute(plan: list[Step], executor: Executor) -> list[dict]:
@@ -61,15 +64,23 @@ def draw_questions(
             continue
         question = rng.choice(pattern.templates).format(**slots)
         try:
-            drafts.append(Draft(pattern, slots, question, truth, execute(pattern.plan(slots), executor)))
+            drafts.append(
+                Draft(pattern, slots, question, truth, execute(pattern.plan(slots), executor))
+            )
         except ToolError as error:
             drafts.append(Draft(pattern, slots, question, truth, None, str(error)))
     if len(drafts) < count:
-        log.info("pattern %s: %d distinct questions (asked for %d)", pattern.name, len(drafts), count)
+        log.info(
+            "pattern %s: %d distinct questions (asked for %d)", pattern.name, len(drafts), count
+        )
     return drafts
 
 
 def draw_all(
     patterns: Iterable[Pattern], graph: KnowledgeGraph, executor: Executor, count: int, seed: int
 ) -> list[Draft]:
-    return [draft for pattern in patterns for draft in draw_questions(pattern, graph, executor, count, seed)]
+    return [
+        draft
+        for pattern in patterns
+        for draft in draw_questions(pattern, graph, executor, count, seed)
+    ]

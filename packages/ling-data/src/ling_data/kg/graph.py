@@ -56,10 +56,14 @@ class KnowledgeGraph:
 
     def add(self, triple: Triple) -> None:
         if triple.relation not in RELATIONS:
-            raise ValueError(f"unknown relation {triple.relation!r}; expected one of {sorted(RELATIONS)}")
+            raise ValueError(
+                f"unknown relation {triple.relation!r}; expected one of {sorted(RELATIONS)}"
+            )
         subject_types, object_type = RELATIONS[triple.relation]
         if triple.subject.type not in subject_types.split("|"):
-            raise ValueError(f"{triple.relation} needs a {subject_types} subject, got {triple.subject}")
+            raise ValueError(
+                f"{triple.relation} needs a {subject_types} subject, got {triple.subject}"
+            )
         if object_type == "number":
             if not isinstance(triple.object, (int, float)) or isinstance(triple.object, bool):
                 raise ValueError(f"{triple.relation} needs a number object, got {triple.object!r}")

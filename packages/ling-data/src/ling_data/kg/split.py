@@ -32,7 +32,9 @@ def hold_out(graph: KnowledgeGraph, fraction: float, seed: int) -> EntitySplit:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"test fraction must be in [0, 1), got {fraction}")
     countries = graph.entities("country")
-    chosen = random.Random(f"{seed}:held-out-countries").sample(countries, round(fraction * len(countries)))
+    chosen = random.Random(f"{seed}:held-out-countries").sample(
+        countries, round(fraction * len(countries))
+    )
     held_out = {str(country) for country in chosen}
     for city in graph.entities("city"):
         if str(graph.value(city, "located_in")) in held_out:

@@ -61,7 +61,11 @@ def tool_definitions(graph: KnowledgeGraph) -> list[dict]:
         _function("get_area", "The area of a country in square kilometres.", country=country),
         _function("get_currency", "The ISO 4217 code of a country's currency.", country=country),
         _function("get_continent", "The continent a country lies on.", country=country),
-        _function("get_neighbours", "The countries sharing a land border with a country, sorted.", country=country),
+        _function(
+            "get_neighbours",
+            "The countries sharing a land border with a country, sorted.",
+            country=country,
+        ),
         _function("get_city_country", "The country a city is in.", city=city),
         _function("get_city_population", "The population of a city.", city=city),
         _function(
@@ -75,7 +79,12 @@ def tool_definitions(graph: KnowledgeGraph) -> list[dict]:
             currency=_string("ISO 4217 currency code, e.g. EUR."),
         ),
         _function("add", "a + b.", a=_number("First number."), b=_number("Second number.")),
-        _function("subtract", "a - b.", a=_number("Number to subtract from."), b=_number("Number to subtract.")),
+        _function(
+            "subtract",
+            "a - b.",
+            a=_number("Number to subtract from."),
+            b=_number("Number to subtract."),
+        ),
         _function(
             "divide",
             f"a / b, rounded to {DIVIDE_DECIMALS} decimal places.",
@@ -89,19 +98,30 @@ def tool_definitions(graph: KnowledgeGraph) -> list[dict]:
             b=_number("Second number."),
         ),
         _function("count", "The number of items in a list.", items=_strings("Any list.")),
-        _function("intersection", "The items present in both lists, sorted.", a=_strings("First list."), b=_strings("Second list.")),
+        _function(
+            "intersection",
+            "The items present in both lists, sorted.",
+            a=_strings("First list."),
+            b=_strings("Second list."),
+        ),
         _function(
             "argmax",
             "The country with the largest value of an attribute among the given countries.",
             countries=_strings("Country names."),
-            attribute={"type": "string", "enum": sorted(ARGMAX_ATTRIBUTES), "description": "What to maximise."},
+            attribute={
+                "type": "string",
+                "enum": sorted(ARGMAX_ATTRIBUTES),
+                "description": "What to maximise.",
+            },
         ),
     ]
 
 
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "number": lambda v: (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ),
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
     "object": lambda v: isinstance(v, dict),
@@ -126,7 +146,9 @@ def validate(value: Any, schema: dict, where: str) -> None:
         if schema.get("additionalProperties") is False:
             extra = sorted(set(value) - set(properties))
             if extra:
-                raise ToolError(f"{where}: unexpected argument(s) {extra}; expected {sorted(properties)}")
+                raise ToolError(
+                    f"{where}: unexpected argument(s) {extra}; expected {sorted(properties)}"
+                )
         for key, item in value.items():
             if key in properties:
                 validate(item, properties[key], f"{where}.{key}")
@@ -137,14 +159,19 @@ class Executor:
 
     def __init__(self, graph: KnowledgeGraph) -> None:
         self.graph = graph
-        self.schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tool_definitions(graph)}
+        self.schemas = {
+            tool["function"]["name"]: tool["function"]["parameters"]
+            for tool in tool_definitions(graph)
+        }
         self._implementations: dict[str, Callable[..., Any]] = {
             "get_capital": lambda country: self._fact(self._country(country), "capital").name,
             "get_population": lambda country: self._fact(self._country(country), "population"),
             "get_area": lambda country: self._fact(self._country(country), "area_km2"),
             "get_currency": lambda country: self._fact(self._country(country), "currency").name,
             "get_continent": lambda country: self._fact(self._country(country), "continent").name,
-            "get_neighbours": lambda country: _names(self.graph.objects(self._country(country), "borders")),
+            "get_neighbours": lambda country: _names(
+                self.graph.objects(self._country(country), "borders")
+            ),
             "get_city_country": lambda city: self._fact(self._city(city), "located_in").name,
             "get_city_population": lambda city: self._fact(self._city(city), "population"),
             "countries_in_continent": lambda continent: _names(

@@ -20,9 +20,12 @@ def check_chain(pattern: Pattern, calls: list[dict], answer: str, executor: Exec
     if [call["name"] for call in calls] != [name for name, _ in shape]:
         return f"calls {[c['name'] for c in calls]} do not follow the pattern's plan {[n for n, _ in shape]}"
     rerun: list[dict] = []
-    for index, (call, (_, wiring)) in enumerate(zip(calls, shape)):
+    for index, (call, (_, wiring)) in enumerate(zip(calls, shape, strict=True)):
         for key, source in wiring.items():
-            if isinstance(source, Ref) and call["arguments"].get(key) != rerun[source.index]["result"]:
+            if (
+                isinstance(source, Ref)
+                and call["arguments"].get(key) != rerun[source.index]["result"]
+            ):
                 return f"call {index} argument {key!r} is not the result of call {source.index}"
         try:
             result = executor.call(call["name"], call["arguments"])
