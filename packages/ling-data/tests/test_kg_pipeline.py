@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,10 +20,13 @@ from ling_data.kg import (
     KnowledgeGraph,
     SynthesisConfig,
     build_graph,
+    check_chain,
     check_sample,
     synthesize,
 )
+from ling_data.kg.answers import format_answer
 from ling_data.kg.cli import main
+from ling_data.kg.generate import draw_questions
 from ling_data.kg.patterns import PATTERNS
 from ling_data.kg.render import FORMATS
 from ling_data.kg.split import hold_out
@@ -254,3 +259,31 @@ def test_readme_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     flags = [str(tmp_path / arg) if arg == "data/kg" else arg for arg in argv[5:]]
     assert main([*flags, "--samples-per-pattern", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["train_samples"] > 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_every_pattern_verifies_under_any_seed(graph: KnowledgeGraph, executor: Executor, seed: int) -> None:
+    """Whatever binding a seed draws, executing the plan reproduces the graph's own answer."""
+    for pattern in PATTERNS:
+        for draft in draw_questions(pattern, graph, executor, count=1, seed=seed):
+            assert draft.error is None, (pattern.name, draft.slots, draft.error)
+            assert check_chain(pattern, draft.calls, format_answer(draft.truth), executor) is None
+
+
+def test_cli_refuses_an_out_path_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file"), "--samples-per-pattern", "1"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_outputs_are_byte_identical_across_processes(tmp_path: Path) -> None:
+    """Same seed, different PYTHONHASHSEED: no output may depend on set or dict hash order."""
+    outputs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        command = [sys.executable, "-m", "ling_data.kg", "--out", str(out), "--samples-per-pattern", "3"]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        outputs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 7
