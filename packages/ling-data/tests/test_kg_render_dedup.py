@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from ling_data.kg.answers import answers_match, format_answer
 from ling_data.kg.dedup import jaccard, near_duplicates, shingles
 from ling_data.kg.render import FORMATS, THOUGHTS, render, system_prompt
+from ling_data.kg.wording import mention, sentence
 
 sys.path.insert(
     0, str(Path(__file__).resolve().parent)
@@ -136,3 +137,19 @@ def test_dedup_catches_reordered_questions_but_not_other_entities() -> None:
     assert near_duplicates(texts, 0.9, keys=["France", "France", "France"]) == [None, 0, None]
     with pytest.raises(ValueError, match="threshold"):
         near_duplicates(texts, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("country", "mid_sentence"),
+    [
+        ("France", "France"),
+        ("Cook Islands", "the Cook Islands"),
+        ("The Netherlands", "the Netherlands"),
+        ("United States", "the United States"),
+        ("Democratic Republic of the Congo", "the Democratic Republic of the Congo"),
+        ("South Georgia and the South Sandwich Islands", "South Georgia and the South Sandwich Islands"),
+    ],
+)
+def test_countries_read_naturally_in_questions(country: str, mid_sentence: str) -> None:
+    assert mention(country) == mid_sentence
+    assert sentence(f"{mention(country)} lies on which continent?")[0].isupper()

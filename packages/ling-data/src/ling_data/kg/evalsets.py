@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ling_data.kg.graph import Entity, KnowledgeGraph
 from ling_data.kg.split import EntitySplit
+from ling_data.kg.wording import mention, sentence
 
 N_CHOICES = 4
 
@@ -71,6 +72,10 @@ def _pool(graph: KnowledgeGraph, relation: str) -> list[str]:
     )
 
 
+def _mention(subject: Entity) -> str:
+    return mention(subject.name) if subject.type == "country" else subject.name
+
+
 def _ascii(name: str) -> str:
     """The name without accents ("Brasília" -> "Brasilia"), an accepted spelling too."""
     decomposed = unicodedata.normalize("NFKD", name)
@@ -89,7 +94,7 @@ def multiple_choice(graph: KnowledgeGraph, split: EntitySplit, seed: int) -> lis
             rows.append(
                 {
                     "id": f"kg-mc-{fact}-{len(rows):05d}",
-                    "question": stem.format(name=subject.name),
+                    "question": sentence(stem.format(name=_mention(subject))),
                     "choices": [f" {choice}" for choice in choices],
                     "answer": choices.index(value.name),
                 }
@@ -110,7 +115,7 @@ def generation(
             rows.append(
                 {
                     "id": f"kg-gen-{fact}-{len(rows):05d}",
-                    "prompt": prompt.format(name=subject.name),
+                    "prompt": prompt.format(name=_mention(subject)),
                     "answer": list(dict.fromkeys(accepted)),
                 }
             )

@@ -11,6 +11,7 @@ from typing import Any
 from ling_data.kg.graph import KnowledgeGraph
 from ling_data.kg.patterns import Pattern, Ref, Slots, Step
 from ling_data.kg.tools import Executor, ToolError
+from ling_data.kg.wording import mention, sentence
 
 log = logging.getLogger(__name__)
 ATTEMPTS_PER_SAMPLE = 20
@@ -62,7 +63,11 @@ def draw_questions(
         truth = pattern.truth(graph, slots)
         if truth is None:  # the graph lacks a fact this question needs
             continue
-        question = rng.choice(pattern.templates).format(**slots)
+        wording = {
+            key: mention(value) if key.startswith("country") else value
+            for key, value in slots.items()
+        }
+        question = sentence(rng.choice(pattern.templates).format(**wording))
         try:
             drafts.append(
                 Draft(pattern, slots, question, truth, execute(pattern.plan(slots), executor))
