@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ling_data.kg.wording import mention
+
 FORMATS = ("json", "react")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -69,7 +71,7 @@ def render(
         context += f"{IM_START}assistant\n"
         for call in calls:
             turns.append({"prompt": context, "expect": _tool_call(call)})
-            thought = THOUGHTS[call["name"]].format(**call["arguments"])
+            thought = THOUGHTS[call["name"]].format(**_worded(call["arguments"]))
             context += (
                 f"Thought: {thought}\nAction: {call['name']}\nAction Input: {dumps(call['arguments'])}\n"
                 f"Observation: {dumps(call['result'])}\n"
@@ -77,6 +79,12 @@ def render(
         prompt = context
     turns.append({"prompt": prompt, "expect": {"final_answer": answer}})
     return prompt + f"Final Answer: {answer}{IM_END}\n", turns
+
+
+def _worded(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: mention(v) if k == "country" and isinstance(v, str) else v for k, v in arguments.items()
+    }
 
 
 def _tool_call(call: dict) -> dict:
