@@ -2,4 +2,5 @@ import sys
 
 from ling_data.kg.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (pkgutil.walk_packages) must not run the CLI
+    sys.exit(main())
