@@ -198,6 +198,7 @@ def test_report_counts_add_up(synthesis) -> None:
             + counts["test"]
         )
     assert report["train_samples"] == report["train_questions"] * len(CONFIG.formats)
+    assert report["held_out"]["types"] == ["country", "city"]
 
 
 def test_same_seed_same_data_other_seed_other_data(synthesis, graph: KnowledgeGraph) -> None:

@@ -22,7 +22,7 @@ from ling_data.kg.generate import Draft, draw_all
 from ling_data.kg.graph import ENTITY_TYPES, Entity, KnowledgeGraph
 from ling_data.kg.patterns import PATTERNS, PATTERNS_BY_NAME
 from ling_data.kg.render import FORMATS, render, system_prompt
-from ling_data.kg.split import hold_out
+from ling_data.kg.split import HELD_OUT_TYPES, hold_out
 from ling_data.kg.tools import Executor, tool_definitions
 from ling_data.kg.verify import check_chain
 
@@ -147,6 +147,7 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
             "entities": {t: len(graph.entities(t)) for t in ENTITY_TYPES},
         },
         "held_out": {
+            "types": list(HELD_OUT_TYPES),
             "countries": len(split.test_countries()),
             "entities": len(split.test_entities),
         },
