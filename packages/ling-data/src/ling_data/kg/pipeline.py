@@ -22,7 +22,7 @@ from ling_data.kg.generate import Draft, draw_all
 from ling_data.kg.graph import ENTITY_TYPES, Entity, KnowledgeGraph
 from ling_data.kg.patterns import PATTERNS, PATTERNS_BY_NAME
 from ling_data.kg.render import FORMATS, render, system_prompt
-from ling_data.kg.split import HELD_OUT_TYPES, hold_out
+from ling_data.kg.split import HELD_OUT_TYPES, EntitySplit, hold_out
 from ling_data.kg.tools import Executor, tool_definitions
 from ling_data.kg.verify import check_chain
 
@@ -73,64 +73,15 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
     executor = Executor(graph)
     tools = tool_definitions(graph)
     patterns = [PATTERNS_BY_NAME[name] for name in config.patterns]
+    counts = {p.name: Counter() for p in patterns}
+
     drafts = draw_all(patterns, graph, executor, config.samples_per_pattern, config.seed)
-    per_pattern = {p.name: Counter() for p in patterns}
     for draft in drafts:
-        per_pattern[draft.pattern.name]["generated"] += 1
-
-    verified: list[Draft] = []
-    rejections: list[str] = []
-    for draft in drafts:
-        reason = draft.error or check_chain(
-            draft.pattern, draft.calls, format_answer(draft.truth), executor
-        )
-        if reason is None:
-            verified.append(draft)
-        else:
-            per_pattern[draft.pattern.name]["dropped_by_verifier"] += 1
-            rejections.append(f"{draft.pattern.name} {draft.slots}: {reason}")
-
-    duplicate_of = near_duplicates(
-        [d.question for d in verified],
-        config.dedup_threshold,
-        keys=[format_answer(d.truth) for d in verified],
-    )
-    kept = []
-    for draft, original in zip(verified, duplicate_of, strict=True):
-        if original is None:
-            kept.append(draft)
-        else:
-            per_pattern[draft.pattern.name]["dropped_as_duplicates"] += 1
-
+        counts[draft.pattern.name]["generated"] += 1
+    verified, rejections = _verify(drafts, executor, counts)
+    kept = _drop_near_duplicates(verified, config.dedup_threshold, counts)
     split = hold_out(graph, config.test_fraction, config.seed)
-    system = system_prompt(tools)
-    rows: dict[str, list[dict]] = {"train": [], "test": []}
-    numbers = Counter()
-    for draft in kept:
-        entities = entities_of(draft.calls)
-        which = split.split_of(entities)
-        per_pattern[draft.pattern.name][which] += 1
-        number = numbers[draft.pattern.name]
-        numbers[draft.pattern.name] += 1
-        answer = format_answer(draft.truth)
-        for fmt in config.formats:
-            text, turns = render(draft.question, draft.calls, answer, system, fmt)
-            rows[which].append(
-                {
-                    "id": f"kg-{draft.pattern.name}-{number:06d}-{fmt}",
-                    "pattern": draft.pattern.name,
-                    "hops": len(draft.calls),
-                    "format": fmt,
-                    "entities": entities,
-                    "question": draft.question,
-                    "calls": draft.calls,
-                    "answer": answer,
-                    "text": text,
-                    "turns": turns,
-                }
-            )
-    for which, split_rows in rows.items():
-        random.Random(f"{config.seed}:{which}-order").shuffle(split_rows)
+    rows = _render_rows(kept, split, system_prompt(tools), config, counts)
 
     names = currency_names()
     eval_mc = multiple_choice(graph, split, config.seed)
@@ -154,25 +105,16 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
         "generated": len(drafts),
         "dropped_by_verifier": len(rejections),
         "verifier_rejections": rejections[:20],
-        "dropped_as_duplicates": sum(c["dropped_as_duplicates"] for c in per_pattern.values()),
-        "train_questions": sum(c["train"] for c in per_pattern.values()),
-        "test_questions": sum(c["test"] for c in per_pattern.values()),
+        "dropped_as_duplicates": sum(c["dropped_as_duplicates"] for c in counts.values()),
+        "train_questions": sum(c["train"] for c in counts.values()),
+        "test_questions": sum(c["test"] for c in counts.values()),
         "train_samples": len(rows["train"]),
         "test_samples": len(rows["test"]),
         "patterns": {
             p.name: {
                 "form": p.form,
                 "hops": p.hops,
-                **{
-                    key: per_pattern[p.name][key]
-                    for key in (
-                        "generated",
-                        "dropped_by_verifier",
-                        "dropped_as_duplicates",
-                        "train",
-                        "test",
-                    )
-                },
+                **{key: counts[p.name][key] for key in COUNTED},
             }
             for p in patterns
         },
@@ -187,6 +129,80 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
         for t in graph
     ]
     return Synthesis(tools, rows["train"], rows["test"], eval_mc, eval_gen, triples, report)
+
+
+COUNTED = ("generated", "dropped_by_verifier", "dropped_as_duplicates", "train", "test")
+
+
+def _verify(
+    drafts: list[Draft], executor: Executor, counts: dict[str, Counter]
+) -> tuple[list[Draft], list[str]]:
+    """Drafts whose chain re-executes to the graph's answer, and why the others failed."""
+    verified: list[Draft] = []
+    rejections: list[str] = []
+    for draft in drafts:
+        reason = draft.error or check_chain(
+            draft.pattern, draft.calls, format_answer(draft.truth), executor
+        )
+        if reason is None:
+            verified.append(draft)
+        else:
+            counts[draft.pattern.name]["dropped_by_verifier"] += 1
+            rejections.append(f"{draft.pattern.name} {draft.slots}: {reason}")
+    return verified, rejections
+
+
+def _drop_near_duplicates(
+    drafts: list[Draft], threshold: float, counts: dict[str, Counter]
+) -> list[Draft]:
+    duplicate_of = near_duplicates(
+        [d.question for d in drafts], threshold, keys=[format_answer(d.truth) for d in drafts]
+    )
+    kept = []
+    for draft, original in zip(drafts, duplicate_of, strict=True):
+        if original is None:
+            kept.append(draft)
+        else:
+            counts[draft.pattern.name]["dropped_as_duplicates"] += 1
+    return kept
+
+
+def _render_rows(
+    drafts: list[Draft],
+    split: EntitySplit,
+    system: str,
+    config: SynthesisConfig,
+    counts: dict[str, Counter],
+) -> dict[str, list[dict]]:
+    """The contract's JSONL rows, one per question and format, by split, in seeded order."""
+    rows: dict[str, list[dict]] = {"train": [], "test": []}
+    numbers = Counter()
+    for draft in drafts:
+        entities = entities_of(draft.calls)
+        which = split.split_of(entities)
+        counts[draft.pattern.name][which] += 1
+        number = numbers[draft.pattern.name]
+        numbers[draft.pattern.name] += 1
+        answer = format_answer(draft.truth)
+        for fmt in config.formats:
+            text, turns = render(draft.question, draft.calls, answer, system, fmt)
+            rows[which].append(
+                {
+                    "id": f"kg-{draft.pattern.name}-{number:06d}-{fmt}",
+                    "pattern": draft.pattern.name,
+                    "hops": len(draft.calls),
+                    "format": fmt,
+                    "entities": entities,
+                    "question": draft.question,
+                    "calls": draft.calls,
+                    "answer": answer,
+                    "text": text,
+                    "turns": turns,
+                }
+            )
+    for which, split_rows in rows.items():
+        random.Random(f"{config.seed}:{which}-order").shuffle(split_rows)
+    return rows
 
 
 def write_outputs(out_dir: Path, synthesis: Synthesis) -> None:
