@@ -54,7 +54,7 @@ def chains(draw) -> list[dict]:
     return calls
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     question=names,
     calls=chains(),
@@ -114,7 +114,7 @@ def brute_force(texts: list[str], threshold: float, n: int, keys: list[str]) -> 
     return result
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     texts=st.lists(
         st.lists(st.sampled_from("a b c d e f g h".split()), max_size=8).map(" ".join), max_size=30

@@ -139,7 +139,7 @@ names = st.sampled_from(["Aland", "Borduria", "Carpania", "Szohod", "Europe", "E
 argument_values = json_values | names | st.lists(names, max_size=4)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     name=st.sampled_from(
         [t["function"]["name"] for t in tool_definitions(tiny_graph())] + ["nope"]
