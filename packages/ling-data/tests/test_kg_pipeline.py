@@ -18,6 +18,7 @@ from ling_data.kg import (
     Entity,
     Executor,
     KnowledgeGraph,
+    Triple,
     SynthesisConfig,
     build_graph,
     check_chain,
@@ -288,3 +289,17 @@ def test_outputs_are_byte_identical_across_processes(tmp_path: Path) -> None:
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
         outputs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert outputs[0] == outputs[1] and len(outputs[0]) == 7
+
+
+def test_patterns_on_a_sparse_graph_draw_only_what_it_supports() -> None:
+    """One country with a population and nothing else: the population lookup is drawn (and
+    verifies); every pattern needing a missing fact draws nothing instead of failing."""
+    lonely = KnowledgeGraph([Triple(Entity("country", "Lonely"), "population", 1)])
+    executor = Executor(lonely)
+    drawn = {}
+    for pattern in PATTERNS:
+        drafts = draw_questions(pattern, lonely, executor, count=2, seed=0)
+        drawn[pattern.name] = len(drafts)
+        for draft in drafts:
+            assert check_chain(pattern, draft.calls, format_answer(draft.truth), executor) is None
+    assert drawn.pop("population") == 1 and set(drawn.values()) == {0}

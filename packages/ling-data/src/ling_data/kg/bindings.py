@@ -32,20 +32,23 @@ def capital_with_population(graph: KnowledgeGraph, rng: random.Random) -> Slots 
         if graph.value(c, "capital") is not None
         and graph.value(graph.value(c, "capital"), "population") is not None
     ]
-    return {"country": rng.choice(candidates).name}
+    return {"country": rng.choice(candidates).name} if candidates else None
 
 
 def non_capital_city(graph: KnowledgeGraph, rng: random.Random) -> Slots | None:
     capitals = {graph.value(c, "capital") for c in graph.entities("country")}
     candidates = [city for city in graph.entities("city") if city not in capitals]
-    return {"city": rng.choice(candidates).name}
+    return {"city": rng.choice(candidates).name} if candidates else None
 
 
 def two_countries(relation: str) -> Draw:
     """Two countries on the same continent whose `relation` values differ (a clear winner)."""
 
     def draw(graph: KnowledgeGraph, rng: random.Random) -> Slots | None:
-        first = rng.choice(countries_with(graph, relation, "continent"))
+        candidates = countries_with(graph, relation, "continent")
+        if not candidates:
+            return None
+        first = rng.choice(candidates)
         continent = graph.value(first, "continent")
         others = [
             c
@@ -77,7 +80,10 @@ def ordered_by_population(
 
 
 def countries_sharing_a_neighbour(graph: KnowledgeGraph, rng: random.Random) -> Slots | None:
-    first = rng.choice(countries_with(graph, "borders"))
+    candidates = countries_with(graph, "borders")
+    if not candidates:
+        return None
+    first = rng.choice(candidates)
     second_hop = {
         other
         for neighbour in graph.objects(first, "borders")
@@ -93,7 +99,7 @@ def any_continent(graph: KnowledgeGraph, rng: random.Random) -> Slots | None:
     candidates = [
         c for c in graph.entities("continent") if len(graph.subjects("continent", c)) >= 2
     ]
-    return {"continent": rng.choice(candidates).name}
+    return {"continent": rng.choice(candidates).name} if candidates else None
 
 
 def slot_country(graph: KnowledgeGraph, slots: Slots, key: str = "country") -> Entity:
