@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ling_data.kg import (
     Entity,
     Executor,
     KnowledgeGraph,
-    Triple,
     SynthesisConfig,
+    Triple,
     build_graph,
     check_chain,
     check_sample,

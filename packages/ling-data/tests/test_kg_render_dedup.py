@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ling_data.kg.answers import answers_match, format_answer
 from ling_data.kg.dedup import jaccard, near_duplicates, shingles
 from ling_data.kg.render import FORMATS, THOUGHTS, render, system_prompt

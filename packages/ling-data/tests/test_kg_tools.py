@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ling_data.kg.graph import Entity, KnowledgeGraph, Triple
 from ling_data.kg.tools import Executor, ToolError, tool_definitions
 
