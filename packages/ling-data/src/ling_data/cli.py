@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("ling_data.commands.train_tokenizer", "train a sentencepiece tokenizer"),
     "tokenize": ("ling_data.commands.tokenize", "documents -> zstd token shards + manifest"),
     "inspect": ("ling_data.commands.inspect", "summarise a shard directory and decode a sample"),
+    "kg": ("ling_data.kg.cli", "synthesise verified tool-use data from a knowledge graph"),
 }
 
 EXAMPLES = """\
@@ -26,6 +27,7 @@ examples:
   ling-data train-tokenizer prepared/ --vocab-size 8192 --out tok.model
   ling-data tokenize prepared/ --tokenizer tok.model --out shards/ --workers 2
   ling-data inspect shards/
+  ling-data kg --out kg/                                  # tool-use train/test JSONL + report
   ling-train --data shards/                                # train from the shards
 """
 

@@ -1,0 +1,91 @@
+"""Render a question and its gold calls as a chat, in the two tool-call formats of the contract.
+
+"json": one assistant turn `<tool_call>{"name", "arguments"}</tool_call>` per call, each answered
+by a `tool` turn `<tool_response>RESULT</tool_response>`, then an assistant "Final Answer: X".
+"react": one assistant turn holding Thought / Action / Action Input / Observation steps and a
+closing "Final Answer: X". Both return the full `text` and the teacher-forced `turns`, whose
+prompts end exactly where the model starts writing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ling_data.kg.wording import mention
+
+FORMATS = ("json", "react")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+THOUGHTS = {
+    "get_capital": "I need the capital of {country}.",
+    "get_population": "I need the population of {country}.",
+    "get_area": "I need the area of {country}.",
+    "get_currency": "I need the currency of {country}.",
+    "get_continent": "I need the continent of {country}.",
+    "get_neighbours": "I need the neighbours of {country}.",
+    "get_city_country": "I need the country of {city}.",
+    "get_city_population": "I need the population of {city}.",
+    "countries_in_continent": "I need the countries of {continent}.",
+    "countries_with_currency": "I need the countries that use {currency}.",
+    "add": "I add the two numbers.",
+    "subtract": "I subtract the second number from the first.",
+    "divide": "I divide the first number by the second.",
+    "compare": "I compare the two numbers.",
+    "count": "I count the items.",
+    "intersection": "I keep the countries that are in both lists.",
+    "argmax": "I pick the country with the largest {attribute}.",
+}
+
+
+def dumps(value: Any) -> str:
+    """JSON as it appears inside a rendering: default separators, non-ASCII kept as is."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _turn(role: str, content: str) -> str:
+    return f"{IM_START}{role}\n{content}{IM_END}\n"
+
+
+def system_prompt(tools: list[dict]) -> str:
+    compact = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    return _turn("system", f"You can call these tools:\n{compact}")
+
+
+def render(
+    question: str, calls: list[dict], answer: str, system: str, format: str
+) -> tuple[str, list[dict]]:
+    """(text, turns) for one sample; `system` is `system_prompt(tools)`, shared by all samples."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    context = system + _turn("user", question)
+    turns = []
+    if format == "json":
+        for call in calls:
+            turns.append({"prompt": context + f"{IM_START}assistant\n", "expect": _tool_call(call)})
+            request = dumps({"name": call["name"], "arguments": call["arguments"]})
+            context += _turn("assistant", f"<tool_call>{request}</tool_call>")
+            context += _turn("tool", f"<tool_response>{dumps(call['result'])}</tool_response>")
+        prompt = context + f"{IM_START}assistant\n"
+    else:
+        context += f"{IM_START}assistant\n"
+        for call in calls:
+            turns.append({"prompt": context, "expect": _tool_call(call)})
+            thought = THOUGHTS[call["name"]].format(**_worded(call["arguments"]))
+            context += (
+                f"Thought: {thought}\nAction: {call['name']}\nAction Input: {dumps(call['arguments'])}\n"
+                f"Observation: {dumps(call['result'])}\n"
+            )
+        prompt = context
+    turns.append({"prompt": prompt, "expect": {"final_answer": answer}})
+    return prompt + f"Final Answer: {answer}{IM_END}\n", turns
+
+
+def _worded(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: mention(v) if k == "country" and isinstance(v, str) else v for k, v in arguments.items()
+    }
+
+
+def _tool_call(call: dict) -> dict:
+    return {"tool_call": {"name": call["name"], "arguments": call["arguments"]}}
