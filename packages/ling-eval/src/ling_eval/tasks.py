@@ -220,3 +220,22 @@ def _apply_options(options: TaskOptions, values: dict[str, Any], source: str) ->
                 raise TaskError(f"{source}: 'regex' {value!r} is not a valid regular expression ({e})") from None
         updates[key] = value
     return replace(options, **updates)
+
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+
+
+def builtin_tasks() -> dict[str, Path]:
+    """The offline task files shipped with ling-eval, by name."""
+    return {p.name.removesuffix(".jsonl"): p for p in sorted(BUILTIN_DIR.glob("*.jsonl"))}
+
+
+def resolve_task(spec: str | Path) -> Task:
+    """A task file path, or the name of a built-in task (see `builtin_tasks`)."""
+    path = Path(spec)
+    if path.suffix == ".jsonl" or path.exists():
+        return load_task(path)
+    builtin = builtin_tasks()
+    if str(spec) in builtin:
+        return load_task(builtin[str(spec)])
+    raise TaskError(f"{spec}: neither a task file nor a built-in task (built-in: {', '.join(builtin)})")
