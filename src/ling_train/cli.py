@@ -21,6 +21,7 @@ examples:
   ling-train --data shards/                   # token shards written by `ling-data tokenize`
   ling-train --out runs/quick --resume        # continue runs/quick from its latest checkpoint
   ling-train --resume runs/quick/checkpoints/step-20 --out runs/branch
+  ling-train --steps 200 --eval-every 50      # score the built-in eval tasks into metrics.jsonl
 """
 
 
@@ -41,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (a step-N dir or a run dir); alone: from --out's latest")
+    p.add_argument("--eval-every", type=int, dest="eval_every", metavar="N",
+                   help="score the run config's eval_tasks every N steps into metrics.jsonl (default 0: off)")
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, FLOPs per token and memory without allocating the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,7 +62,7 @@ def build_config(args: argparse.Namespace):
     import tomllib
 
     flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed",
-                                           "batch_size", "seq_len", "lr")}
+                                           "batch_size", "seq_len", "lr", "eval_every")}
     base: dict = {}
     resume_from = None
     if args.resume is not None:
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ling_core import CheckpointError, ConfigError
     from ling_data import DataError
+    from ling_eval import EvalError
     from ling_train.config import RunConfigError
 
-    bad_input = (UsageError, RunConfigError, ConfigError, CheckpointError, DataError)
+    bad_input = (UsageError, RunConfigError, ConfigError, CheckpointError, DataError, EvalError)
     try:
         config, resume_from = build_config(args)
         if args.dry_run:

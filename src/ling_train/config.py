@@ -43,6 +43,9 @@ class RunConfig:
     log_every: int = 1
     checkpoint_every: int = 100  # 0: only at the end
     max_shard_gb: float = 2.0
+    eval_every: int = 0  # 0: no in-training eval; N: score eval_tasks every N steps (metrics.jsonl)
+    eval_tasks: list[str] = field(default_factory=lambda: ["facts_mc", "corpus_ppl"])  # files or built-ins
+    eval_limit: int = 0  # 0: every item; N: the first N items of each task
     model: dict[str, Any] = field(default_factory=dict)  # LingConfig overrides
 
     def validate(self, source: str = "config") -> None:
@@ -52,9 +55,12 @@ class RunConfig:
         for name in ("steps", "seq_len", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{source}: {name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "grad_clip", "weight_decay", "lr"):
+        for name in ("warmup_steps", "checkpoint_every", "grad_clip", "weight_decay", "lr", "eval_every",
+                     "eval_limit"):
             if getattr(self, name) < 0:
                 raise RunConfigError(f"{source}: {name}: must be >= 0, got {getattr(self, name)}")
+        if not all(isinstance(t, str) for t in self.eval_tasks):
+            raise RunConfigError(f"{source}: eval_tasks: expected a list of task files or built-in names")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
         self.model_config(source)  # validates the [model] overrides

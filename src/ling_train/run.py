@@ -17,6 +17,7 @@ from ling_data import PackedLoader, TokenLoader, cached_tokenizer, embedded_corp
 from ling_data import DataError, is_shard_dir, load_manifest
 from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
+from ling_train.eval_callback import EvalCallback, load_eval_tasks
 from ling_train.config import RunConfig, RunConfigError
 from ling_train.perf import measure_matmul_flops
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
@@ -101,6 +102,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     # Everything that can fail on bad input happens before the run directory is touched.
     check_out_dir(out, resuming=resume_from is not None)
     trainer_state = ckpt.load_trainer_state(resume_from) if resume_from else None
+    eval_tasks = load_eval_tasks(config.eval_tasks) if config.eval_every else None
     torch.manual_seed(config.seed)
     data = build_data(config, model_config.vocab_size)
     model = build_model(model_config, device=device, seed=config.seed)
@@ -131,6 +133,9 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
                       TrainerSettings(config.steps, config.grad_clip, autocast_dtype), device,
                       [RoutingWarmupStep(), metrics, ProgressBar(disable=not progress),
                        Checkpointer(save, config.checkpoint_every), timer])
+    if eval_tasks is not None:
+        trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
+                                                 limit=config.eval_limit or None, seed=config.seed))
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
 
@@ -145,7 +150,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     trainer.fit()
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "event" not in r and r["step"] > start_step]
+    steps = [r for r in rows if "event" not in r and "lm_loss" in r and r["step"] > start_step]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r) and r["step"] > start_step]
     summary = {
         "out": str(out), "steps": trainer.step, "device": str(device),
         "first_loss": steps[0]["lm_loss"] if steps else None,
@@ -155,5 +161,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         "peak_matmul_flops": peak, "wall_time_s": timer.elapsed(),
         "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")),
     }
+    if evals:
+        summary["eval"] = evals[-1]
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
