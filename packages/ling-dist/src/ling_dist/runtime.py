@@ -31,7 +31,7 @@ def _env_int(name: str) -> int:
         raise DistributedEnvError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, *, device: str | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes; return `(rank, world_size, device)`.
 
     With none of torchrun's variables set this is a single process: `(0, 1, cpu)` and no
@@ -40,12 +40,25 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     and gloo otherwise (device `cpu`); an explicit `"gloo"` always gives device `cpu`.
     Raises `DistributedEnvError` for a partial or inconsistent environment, because a silently
     wrong rank would train on another rank's data shard or hang in the first collective.
+
+    `device="auto"` is the mixed CPU+CUDA job: every rank joins one gloo group (nccl cannot
+    include a CPU rank) and computes on `cuda:LOCAL_RANK` if it has that GPU, else on the CPU;
+    `ling_dist.collectives` then stages CUDA tensors through host memory for gloo. `device="cpu"`
+    or `"cuda"` forces the device (with `"cuda"` and no backend, nccl).
     """
+    if device not in (None, "auto", "cpu", "cuda"):
+        raise DistributedEnvError(f"device={device!r}: expected None, 'auto', 'cpu' or 'cuda'")
+    if device == "auto":
+        if backend not in (None, "gloo"):
+            raise DistributedEnvError(f"device='auto' (mixed CPU+CUDA job) needs backend gloo, got {backend!r}")
+        backend = "gloo"
+    elif device == "cpu" and backend is None:
+        backend = "gloo"
     present = [name for name in _REQUIRED if name in os.environ]
     if not present:
         if backend not in (None, "gloo", "nccl"):
             raise DistributedEnvError(f"backend={backend!r}: expected None, 'gloo' or 'nccl'")
-        return 0, 1, torch.device("cpu")
+        return 0, 1, _gloo_device(device, 0) if device else torch.device("cpu")
     missing = [name for name in _REQUIRED if name not in os.environ]
     if missing:
         raise DistributedEnvError(
@@ -68,10 +81,12 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         if local_rank >= torch.cuda.device_count():
             raise DistributedEnvError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        if device == "cpu":
+            raise DistributedEnvError("device='cpu' with backend='nccl': nccl needs CUDA tensors; use gloo")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif backend == "gloo":
-        device = torch.device("cpu")
+        device = _gloo_device(device, local_rank)
     else:
         raise DistributedEnvError(f"backend={backend!r}: expected None, 'gloo' or 'nccl'")
 
@@ -81,3 +96,15 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
                             device_id=device if backend == "nccl" else None)
     logger.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
     return rank, world_size, device
+
+
+def _gloo_device(device: str | None, local_rank: int) -> torch.device:
+    """The compute device of a gloo rank: CPU unless asked for CUDA ("auto": if this rank has it)."""
+    has_gpu = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    if device == "cuda" and not has_gpu:
+        raise DistributedEnvError(f"device='cuda' but LOCAL_RANK={local_rank} has no visible CUDA device")
+    if device in ("cuda", "auto") and has_gpu:
+        cuda = torch.device("cuda", local_rank)
+        torch.cuda.set_device(cuda)
+        return cuda
+    return torch.device("cpu")
