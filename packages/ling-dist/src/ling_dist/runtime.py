@@ -92,8 +92,9 @@ def init_distributed(backend: str | None = None, *, device: str | None = None) -
 
     if dist.is_initialized():
         raise DistributedEnvError("a default process group already exists; call init_distributed once")
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                            device_id=device if backend == "nccl" else None)
+    store = _elastic_attempt_store(rank, world_size)
+    dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
+                            world_size=world_size, device_id=device if backend == "nccl" else None)
     logger.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
     return rank, world_size, device
 
@@ -108,3 +109,21 @@ def _gloo_device(device: str | None, local_rank: int) -> torch.device:
         torch.cuda.set_device(cuda)
         return cuda
     return torch.device("cpu")
+
+
+def _elastic_attempt_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with a key prefix unique to this restart attempt.
+
+    After `--max-restarts` restarts a worker group, the agent's store still holds the previous
+    attempt's keys, including the listening addresses the old ranks published for gloo's
+    full-mesh connect; the new ranks then read a dead rank's address and fail ("Connection
+    refused") or hang (observed with torch 2.15, standalone rendezvous). A prefix per
+    TORCHELASTIC_RESTART_COUNT keeps every attempt's keys apart. Outside torchrun: None (env://).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world_size,
+                          is_master=not agent_hosts_store and rank == 0, multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"ling_dist/attempt-{attempt}", store)
