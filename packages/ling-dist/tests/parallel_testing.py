@@ -172,3 +172,28 @@ def _train_two_steps(rank: int, world_size: int, out_dir: str, mode: str) -> Non
         optimizer.step()
         losses.append(loss.item())
     torch.save({"losses": losses, "grads": grads}, Path(out_dir) / f"{mode}-rank{rank}.pt")
+
+
+def straggler_worker(rank: int, world_size: int, port: int, out_dir: str, slow_rank: int, steps: int) -> None:
+    """Every step sleeps 20 ms; `slow_rank` sleeps 60 ms (3x). Saves the monitor's records and log."""
+    import logging
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from ling_dist import StragglerMonitor, init_distributed
+
+    records_seen, log_lines = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: log_lines.append(record.getMessage())
+    logging.getLogger("ling_dist.straggler").addHandler(handler)
+    init_distributed(backend="gloo")
+    monitor = StragglerMonitor(interval=3, factor=1.5, patience=2)
+    for _ in range(steps):
+        start = time.perf_counter()
+        time.sleep(0.06 if rank == slow_rank else 0.02)
+        records_seen.append([record.as_metrics() for record in monitor.record(time.perf_counter() - start)])
+    torch.save({"records": records_seen, "log": log_lines}, Path(out_dir) / f"straggler-rank{rank}.pt")
+    dist.destroy_process_group()

@@ -16,7 +16,8 @@ from ling_dist.expert_parallel import apply_expert_parallel, expert_parallel_par
 from ling_dist.flash_checkpoint import CheckpointError, FlashCheckpointer, latest_complete  # noqa: E402
 from ling_dist.migration import load_resharded, save_reshardable  # noqa: E402
 from ling_dist.parallel import apply_ddp, apply_fsdp, data_parallel_mesh  # noqa: E402
+from ling_dist.straggler import StragglerMonitor, StragglerRecord  # noqa: E402
 
-__all__ += ["CheckpointError", "FlashCheckpointer", "apply_ddp", "apply_expert_parallel", "apply_fsdp",
+__all__ += ["StragglerMonitor", "StragglerRecord", "CheckpointError", "FlashCheckpointer", "apply_ddp", "apply_expert_parallel", "apply_fsdp",
             "data_parallel_mesh", "expert_parallel_parameters", "latest_complete", "load_resharded",
             "save_reshardable"]
