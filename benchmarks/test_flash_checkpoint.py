@@ -8,10 +8,12 @@ loader position; one training step = forward + backward on 128 rows + AdamW step
 - synchronous (`FlashCheckpointer(overlap=False)`): the time `save()` blocks (the host copy),
   timed in steady state (buffers allocated by a warm-up snapshot, the writer idle);
 - overlapped (`overlap=True` + `guard(optimizer)`): the copy runs on the writer thread during
-  the next forward/backward; measured as (step time right after `save()`, including `save()`)
-  minus (the same step without a snapshot), both best of the rounds (so it can come out
-  slightly negative when the overhead is below the timing noise). On a 2-core CPU the copy
-  competes with the step's own threads for cores and memory bandwidth, which this includes.
+  the next forward/backward; the step is held for `save()` (walking the state) plus the guarded
+  optimizer step's wait for the copy (`last_fence_wait_s`), summed per round, best round. This
+  is the time the training loop is blocked; it does not count that on a CPU the copy thread also
+  competes with the step's own threads for cores and memory bandwidth (on CUDA the copy is DMA).
+  The step time with and without a snapshot is recorded too, but on a shared 2-core machine its
+  difference is below the noise.
 Goal: <= 10% of torch.save.
 """
 
@@ -74,7 +76,7 @@ def test_flash_snapshot_blocking_vs_torch_save(benchmark, tmp_path, best_time, b
           f"ratio {ratio:.3f}")
 
 
-def test_overlapped_snapshot_step_overhead_vs_torch_save(benchmark, tmp_path, best_time, best_seconds):
+def test_overlapped_snapshot_blocking_vs_torch_save(benchmark, tmp_path, best_time, best_seconds):
     optimizer, step, state = make_training()
     checkpointer = FlashCheckpointer(tmp_path / "flash", keep_last=1, overlap=True)
     checkpointer.guard(optimizer)
@@ -83,6 +85,7 @@ def test_overlapped_snapshot_step_overhead_vs_torch_save(benchmark, tmp_path, be
     checkpointer.save(0, state())
     checkpointer.wait()
     steps = iter(range(1, 10**6))
+    blocking = []
 
     def setup() -> None:  # writer idle; then the anchors: torch.save, and a step without a snapshot
         checkpointer.wait()
@@ -92,16 +95,18 @@ def test_overlapped_snapshot_step_overhead_vs_torch_save(benchmark, tmp_path, be
     def step_with_snapshot() -> None:
         checkpointer.save(next(steps), state())
         step()
+        blocking.append(checkpointer.last_blocking_s + checkpointer.last_fence_wait_s)
 
     benchmark.pedantic(step_with_snapshot, setup=setup, rounds=8, warmup_rounds=1)
     checkpointer.close()
-    seconds = best_seconds()
-    if seconds is None:
+    if best_seconds() is None:
         return
-    overhead = seconds - plain_step.seconds  # may come out negative: then it is below the timing noise
-    ratio = overhead / torch_save.seconds
+    blocked = min(blocking)
+    ratio = blocked / torch_save.seconds
     benchmark.extra_info.update(mode="overlapped", state_mib=state_mib(state()), torch_save_s=torch_save.seconds,
-                                step_s=plain_step.seconds, step_with_snapshot_s=seconds,
-                                snapshot_overhead_s=overhead, overhead_over_torch_save=ratio)
-    print(f"\noverlapped snapshot adds {overhead * 1e3:.1f} ms to a {plain_step.seconds * 1e3:.1f} ms step, "
-          f"torch.save {torch_save.seconds * 1e3:.1f} ms: ratio {ratio:.3f}")
+                                snapshot_blocking_s=blocked, median_blocking_s=sorted(blocking)[len(blocking) // 2],
+                                blocking_over_torch_save=ratio, step_s=plain_step.seconds,
+                                step_with_snapshot_s=best_seconds())
+    print(f"\noverlapped snapshot blocks {blocked * 1e3:.2f} ms (median {sorted(blocking)[len(blocking) // 2] * 1e3:.2f}), "
+          f"torch.save {torch_save.seconds * 1e3:.1f} ms: ratio {ratio:.4f}; step {plain_step.seconds * 1e3:.0f} ms "
+          f"alone, {best_seconds() * 1e3:.0f} ms with a snapshot")

@@ -116,10 +116,11 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | None = None) -> l
     and replicated along the outer one. Rank i of the group owns experts
     `[i * E / W, (i + 1) * E / W)`; E must divide evenly. Call on a model whose experts are
     initialised identically on every rank (same seed), before building the optimizer.
-    Returns the modules converted.
+    Returns the modules converted. Without a process group (one process) every expert is local
+    already: nothing changes and the result is [].
     """
-    if not dist.is_initialized():
-        raise RuntimeError("no process group: call ling_dist.init_distributed() under torchrun first")
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
     group, replicate_group = _groups(mesh)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     replicate_size = dist.get_world_size(replicate_group) if replicate_group is not None else 1

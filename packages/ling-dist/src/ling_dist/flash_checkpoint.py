@@ -161,7 +161,8 @@ class FlashCheckpointer:
     requested snapshot is on disk; `restore()` loads this rank's state from the newest complete
     snapshot (or returns None). `keep_last` complete snapshots are kept; rank 0 deletes older ones.
     Errors of the background writer are raised from the next `save`/`wait`.
-    `last_blocking_s` is how long the last `save` held the caller.
+    `last_blocking_s` is how long the last `save` held the caller (with `overlap=True`, add
+    `last_fence_wait_s`, the guarded optimizer step's wait for the copy).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, overlap: bool = False,
@@ -175,6 +176,7 @@ class FlashCheckpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self.last_blocking_s = 0.0
+        self.last_fence_wait_s = 0.0
         self._buffers: dict[int, torch.Tensor] = {}  # keyed by position in the flattened state
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -212,8 +214,13 @@ class FlashCheckpointer:
         self._copied.wait()
 
     def guard(self, optimizer: torch.optim.Optimizer):
-        """Make `optimizer.step()` wait for the snapshot copy first (for `overlap=True`); returns the hook handle."""
-        return optimizer.register_step_pre_hook(lambda *args: self.wait_for_copy())
+        """Make `optimizer.step()` wait for the snapshot copy first (for `overlap=True`); returns
+        the hook handle. `last_fence_wait_s` is how long the last such wait held the step."""
+        def fence(*args) -> None:
+            start = time.perf_counter()
+            self.wait_for_copy()
+            self.last_fence_wait_s = time.perf_counter() - start
+        return optimizer.register_step_pre_hook(fence)
 
     def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         try:

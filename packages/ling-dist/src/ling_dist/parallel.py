@@ -25,19 +25,24 @@ from torch.nn.parallel import DistributedDataParallel
 REPLICATE, SHARD = "replicate", "shard"
 
 
-def _require_group() -> int:
-    if not dist.is_initialized():
-        raise RuntimeError("no process group: call ling_dist.init_distributed() under torchrun first")
-    return dist.get_world_size()
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def data_parallel_mesh(replicate: int = 1, shard: int | None = None, device_type: str | None = None) -> DeviceMesh:
+def data_parallel_mesh(replicate: int = 1, shard: int | None = None,
+                       device_type: str | None = None) -> DeviceMesh | None:
     """A ("replicate", "shard") mesh over all ranks; `shard` defaults to world_size // replicate.
 
     Rank r sits at (r // shard, r % shard): consecutive ranks (one host, one fast link) shard
-    together. `device_type` defaults to "cuda" under nccl and "cpu" otherwise.
+    together. `device_type` defaults to "cuda" under nccl and "cpu" otherwise. Without a
+    process group (one process, see `init_distributed`) there is no mesh: None, which every
+    wrapper here accepts and then leaves the model as it is.
     """
-    world_size = _require_group()
+    if not _distributed():
+        if (replicate, shard or 1) != (1, 1):
+            raise ValueError(f"replicate={replicate} x shard={shard}: no process group, so only 1 x 1")
+        return None
+    world_size = dist.get_world_size()
     if shard is None:
         if replicate < 1 or world_size % replicate:
             raise ValueError(f"replicate={replicate}: expected a divisor of world_size={world_size}")
@@ -50,15 +55,17 @@ def data_parallel_mesh(replicate: int = 1, shard: int | None = None, device_type
 
 
 def apply_ddp(model: nn.Module, *, process_group: dist.ProcessGroup | None = None,
-              ignored_parameters: Iterable[nn.Parameter] = (), **ddp_kwargs) -> DistributedDataParallel:
+              ignored_parameters: Iterable[nn.Parameter] = (), **ddp_kwargs) -> nn.Module:
     """Wrap `model` in `DistributedDataParallel`: gradients all-reduced (averaged) in buckets
     overlapped with backward. The returned wrapper is what you call; `.module` is your model.
 
     `ignored_parameters` are left out of the all-reduce: expert-parallel experts, whose ranks
     hold *different* experts under the same names (`apply_expert_parallel` syncs them itself).
     Parameters must already be on this rank's device (CUDA: `device_ids` is filled in).
+    Without a process group (one process) `model` is returned unwrapped.
     """
-    _require_group()
+    if not _distributed():
+        return model
     ignored = {id(p) for p in ignored_parameters}
     if ignored:
         names = [name for name, p in model.named_parameters() if id(p) in ignored]
@@ -80,9 +87,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh | None = None, *,
     block) becomes one FSDP unit: its parameters are all-gathered just before its forward and
     freed after, so peak memory is one unit plus the shards. The root is sharded last and holds
     whatever no unit claimed (embeddings, final norm, head). On a 2-D mesh this is HSDP.
-    `ignored_parameters` stay plain local tensors (expert-parallel experts).
+    `ignored_parameters` stay plain local tensors (expert-parallel experts). Without a process
+    group (one process) the model is left as it is.
     """
-    _require_group()
+    if not _distributed():
+        return model
     if mesh is None:
         mesh = data_parallel_mesh()
     if not callable(units):
