@@ -34,7 +34,7 @@ class TinyMoE(nn.Module):
         """The plain reference: every token through each of its k experts, one at a time. An
         expert runs even on zero rows, so that it always has a (zero) gradient."""
         out = torch.zeros_like(x)
-        for j in range(TOP_K):
+        for j in range(routing.expert_indices.shape[1]):
             for e, expert in enumerate(self.experts):
                 mask = routing.expert_indices[:, j] == e
                 weight = routing.expert_weights[mask, j].unsqueeze(-1)
@@ -121,6 +121,8 @@ def parallel_worker(rank: int, world_size: int, port: int, out_dir: str, modes: 
     for mode in modes:
         if mode == "staged":
             _staged_collectives(rank, world_size, out_dir)
+        elif mode == "ep_random":
+            _expert_parallel_random_cases(rank, world_size, out_dir)
         else:
             _train_two_steps(rank, world_size, out_dir, mode)
     dist.destroy_process_group()
@@ -197,3 +199,50 @@ def straggler_worker(rank: int, world_size: int, port: int, out_dir: str, slow_r
         records_seen.append([record.as_metrics() for record in monitor.record(time.perf_counter() - start)])
     torch.save({"records": records_seen, "log": log_lines}, Path(out_dir) / f"straggler-rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _expert_parallel_random_cases(rank: int, world_size: int, out_dir: str, cases: int = 12) -> None:
+    """The expert-parallel dispatch against TinyMoE.routed_experts on random routings drawn from a
+    seeded generator (hypothesis cannot drive several processes in lockstep): per-rank token
+    counts 0-9 (a rank may send nothing), k of 1-3, and in some cases every token routed to the
+    same few experts (others get zero rows). Compares this rank's outputs, input and routing-weight
+    gradients, and the gradients of the experts it owns (reference: the sum over ranks of each
+    rank's reference gradient, / world_size as the hook does). Saves the largest differences."""
+    import copy
+
+    import torch.distributed as dist
+
+    from ling_dist import apply_expert_parallel
+
+    worst = {"out": 0.0, "x_grad": 0.0, "weight_grad": 0.0, "expert_grad": 0.0}
+    for case in range(cases):
+        generator = torch.Generator().manual_seed(1000 * case + rank)
+        torch.manual_seed(case)  # the same experts on every rank
+        reference = TinyMoE()
+        parallel = copy.deepcopy(reference)
+        apply_expert_parallel(parallel)
+        tokens = int(torch.randint(0, 10, (), generator=generator))
+        k = 1 + case % 3
+        scores = torch.rand(tokens, NUM_EXPERTS, generator=generator)
+        if case % 4 == 3:  # skewed: only experts 0 and 1 are ever chosen
+            scores[:, 2:] -= 2.0
+        weights, indices = scores.softmax(-1).topk(k, dim=-1)
+        x = torch.randn(tokens, HIDDEN, generator=generator)
+        grad_out = torch.randn(tokens, HIDDEN, generator=generator)
+        results = []
+        for module in (reference, parallel):
+            x_leaf, w_leaf = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            out = module.routed_experts(x_leaf, Routing(indices, w_leaf))
+            out.backward(grad_out)
+            results.append((out.detach(), x_leaf.grad, w_leaf.grad))
+        for key, got, want in zip(("out", "x_grad", "weight_grad"), results[1], results[0]):
+            worst[key] = max(worst[key], (got - want).abs().max().item() if got.numel() else 0.0)
+        for index, expert in enumerate(reference.experts):
+            for name, param in expert.named_parameters():
+                summed = param.grad.clone()
+                dist.all_reduce(summed)
+                mine = parallel.experts[index]
+                if mine is not None:
+                    got = dict(mine.named_parameters())[name].grad
+                    worst["expert_grad"] = max(worst["expert_grad"], (got - summed / world_size).abs().max().item())
+    torch.save(worst, Path(out_dir) / f"ep_random-rank{rank}.pt")
