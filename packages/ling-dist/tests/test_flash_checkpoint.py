@@ -40,8 +40,9 @@ def assert_same(a, b) -> None:
 
 def test_save_copies_then_persists_and_restores(tmp_path) -> None:
     state = make_state()
-    expected = {"model": {k: v.clone() for k, v in state["model"].items()}, **{k: state[k] for k in ("optimizer", "loader", "rng")}}
-    expected["optimizer"] = [state["optimizer"][0].clone(), {"step": 7}]
+    expected = {"model": {k: v.clone() for k, v in state["model"].items()},
+                "optimizer": [state["optimizer"][0].clone(), {"step": 7}],
+                "loader": state["loader"], "rng": state["rng"]}
     checkpointer = FlashCheckpointer(tmp_path, keep_last=2)
     checkpointer.save(10, state)
     state["model"]["w"].add_(1.0)  # the training step overwrites live tensors right after save returns
@@ -121,11 +122,17 @@ def test_restore_with_another_world_size_is_a_clear_error(tmp_path) -> None:
 
 
 dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
-tensors = st.builds(lambda shape, dtype, seed: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 10).to(dtype),
-                    st.lists(st.integers(0, 4), max_size=3), dtypes, st.integers(0, 2**16))
-states = st.recursive(tensors | st.integers() | st.text(max_size=5) | st.none(),
-                      lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
-                      max_leaves=8)
+
+
+def random_tensor(shape: list[int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 10).to(dtype)
+
+
+tensors = st.builds(random_tensor, st.lists(st.integers(0, 4), max_size=3), dtypes, st.integers(0, 2**16))
+states = st.recursive(
+    tensors | st.integers() | st.text(max_size=5) | st.none(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=8)
 
 
 @settings(max_examples=25, deadline=None)

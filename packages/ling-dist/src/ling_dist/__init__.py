@@ -18,6 +18,6 @@ from ling_dist.migration import load_resharded, save_reshardable  # noqa: E402
 from ling_dist.parallel import apply_ddp, apply_fsdp, data_parallel_mesh  # noqa: E402
 from ling_dist.straggler import StragglerMonitor, StragglerRecord  # noqa: E402
 
-__all__ += ["StragglerMonitor", "StragglerRecord", "CheckpointError", "FlashCheckpointer", "apply_ddp", "apply_expert_parallel", "apply_fsdp",
-            "data_parallel_mesh", "expert_parallel_parameters", "latest_complete", "load_resharded",
-            "save_reshardable"]
+__all__ += ["CheckpointError", "FlashCheckpointer", "StragglerMonitor", "StragglerRecord", "apply_ddp",
+            "apply_expert_parallel", "apply_fsdp", "data_parallel_mesh", "expert_parallel_parameters",
+            "latest_complete", "load_resharded", "save_reshardable"]

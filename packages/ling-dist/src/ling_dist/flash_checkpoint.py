@@ -14,8 +14,9 @@ so a worker killed mid-write (a torn temp file, no manifest) leaves the snapshot
 Why a copy first: a training step that waits for `torch.save` (pickling + disk) stalls for the
 whole write; copying tensors into preallocated host buffers is a memcpy (device-to-host DMA on
 CUDA, into pinned memory), after which the optimizer may overwrite the live tensors at once.
-The buffers are reused, so after the first snapshot there is no allocation on the step path. There is one set of buffers: a
-snapshot requested while the previous one is still being written waits for it (back-pressure).
+The buffers are reused, so after the first snapshot there is no allocation on the step path.
+There is one set of buffers: a snapshot requested while the previous one is still being
+written waits for it (back-pressure).
 """
 
 from __future__ import annotations
