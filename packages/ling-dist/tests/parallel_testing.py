@@ -123,6 +123,8 @@ def parallel_worker(rank: int, world_size: int, port: int, out_dir: str, modes: 
             _staged_collectives(rank, world_size, out_dir)
         elif mode == "ep_random":
             _expert_parallel_random_cases(rank, world_size, out_dir)
+        elif mode == "flash_fsdp":
+            _flash_snapshot_of_fsdp(rank, out_dir)
         else:
             _train_two_steps(rank, world_size, out_dir, mode)
     dist.destroy_process_group()
@@ -246,3 +248,40 @@ def _expert_parallel_random_cases(rank: int, world_size: int, out_dir: str, case
                     got = dict(mine.named_parameters())[name].grad
                     worst["expert_grad"] = max(worst["expert_grad"], (got - summed / world_size).abs().max().item())
     torch.save(worst, Path(out_dir) / f"ep_random-rank{rank}.pt")
+
+
+def _flash_snapshot_of_fsdp(rank: int, out_dir: str) -> None:
+    """Snapshot an FSDP2 model + AdamW mid-run, train on, restore the snapshot into the live
+    (sharded) objects, train the same step again: the result must equal the first continuation."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from ling_dist import FlashCheckpointer, apply_fsdp
+
+    model = make_model()
+    apply_fsdp(model, units=[Block])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def train_step(step: int) -> None:
+        optimizer.zero_grad()
+        loss_fn(model, *batch(rank, step)).backward()
+        optimizer.step()
+
+    def full_params() -> list[torch.Tensor]:
+        return [_full(p.detach()).clone() for p in model.parameters()]
+
+    train_step(0)
+    checkpointer = FlashCheckpointer(Path(out_dir) / "flash-fsdp", keep_last=1)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    checkpointer.save(1, {"model": model_state, "optimizer": optimizer_state})
+    checkpointer.close()
+    train_step(1)
+    continued = full_params()
+    train_step(2)  # drift further, then go back to the snapshot
+    like_model, like_optimizer = get_state_dict(model, optimizer)
+    step, state = checkpointer.restore(like={"model": like_model, "optimizer": like_optimizer})
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    train_step(1)
+    replayed = full_params()
+    torch.save({"step": step, "equal": all(torch.equal(a, b) for a, b in zip(continued, replayed)),
+                "sharded": type(state["model"]["blocks.0.mix.weight"]).__name__},
+               Path(out_dir) / f"flash_fsdp-rank{rank}.pt")

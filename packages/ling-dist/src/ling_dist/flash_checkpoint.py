@@ -306,12 +306,38 @@ class FlashCheckpointer:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- resuming ------------------------------------------------------------------------------
-    def restore(self, map_location: Any = "cpu") -> tuple[int, Any] | None:
-        """`(step, state)` of this rank from the newest complete snapshot, or None if there is none."""
+    def restore(self, map_location: Any = "cpu", *, like: Any = None) -> tuple[int, Any] | None:
+        """`(step, state)` of this rank from the newest complete snapshot, or None if there is none.
+
+        Sharded tensors (FSDP2 DTensors) are snapshotted as this rank's local shard. Pass the live
+        state as `like` (same structure, e.g. `get_state_dict(model, optimizer)` from
+        torch.distributed.checkpoint.state_dict, which also creates the optimizer's state) and
+        each shard comes back as a DTensor on `like`'s mesh and placements, on its device; the
+        world size and mesh must be the ones that wrote it (another size: ling_dist.migration).
+        """
         snapshot = latest_complete(self.directory)
         if snapshot is None:
             return None
         if snapshot.world_size != self.world_size:
             raise CheckpointError(f"{snapshot.path}: written by {snapshot.world_size} ranks, this job has "
                                   f"{self.world_size}; reshard with ling_dist.migration instead")
-        return snapshot.step, load_snapshot(snapshot, self.rank, map_location)
+        state = load_snapshot(snapshot, self.rank, map_location)
+        return snapshot.step, (state if like is None else _as_like(state, like, snapshot.path))
+
+
+def _as_like(value: Any, like: Any, where: Path) -> Any:
+    """`value` with every tensor that is a DTensor in `like` rebuilt from its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(like, DTensor):
+        if not isinstance(value, torch.Tensor) or value.shape != like.to_local().shape:
+            raise CheckpointError(f"{where}: a shard of shape {getattr(value, 'shape', None)} where the live "
+                                  f"state has {tuple(like.to_local().shape)}; was it written with another mesh?")
+        local = value.to(like.to_local().device)
+        return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    if isinstance(value, dict) and isinstance(like, dict):
+        return {key: _as_like(item, like[key], where) if key in like else item for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and isinstance(like, (list, tuple)) and len(value) == len(like):
+        items = [_as_like(item, template, where) for item, template in zip(value, like)]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
