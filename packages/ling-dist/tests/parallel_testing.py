@@ -155,14 +155,16 @@ def _train_two_steps(rank: int, world_size: int, out_dir: str, mode: str) -> Non
     if mode == "ddp":
         model = apply_ddp(module)
     elif mode == "fsdp":
-        apply_fsdp(module, units=[Block])
+        apply_fsdp(module, units=Block)  # a single class works as well as a list
     elif mode == "ep":
         apply_expert_parallel(module)
         model = apply_ddp(module, ignored_parameters=expert_parallel_parameters(module))
     elif mode == "hsdp_ep":
         mesh = data_parallel_mesh(replicate=2, shard=world_size // 2)
         apply_expert_parallel(module, mesh)
-        apply_fsdp(module, mesh, units=[Block], ignored_parameters=expert_parallel_parameters(module))
+        # Nested units (every Linear inside each Block); the experts' Linears hold only ignored
+        # parameters and are skipped.
+        apply_fsdp(module, mesh, units=[Block, nn.Linear], ignored_parameters=expert_parallel_parameters(module))
     else:
         raise ValueError(mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)

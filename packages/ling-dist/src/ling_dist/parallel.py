@@ -77,7 +77,7 @@ def apply_ddp(model: nn.Module, *, process_group: dist.ProcessGroup | None = Non
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh | None = None, *,
-               units: Callable[[nn.Module], bool] | Iterable[type[nn.Module]] = (),
+               units: Callable[[nn.Module], bool] | type[nn.Module] | Iterable[type[nn.Module]] = (),
                reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = None,
                ignored_parameters: Iterable[nn.Parameter] = ()) -> nn.Module:
@@ -94,14 +94,16 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh | None = None, *,
         return model
     if mesh is None:
         mesh = data_parallel_mesh()
-    if not callable(units):
-        unit_types = tuple(units)
+    if isinstance(units, type) or not callable(units):  # a class is callable, but means "this type"
+        unit_types = (units,) if isinstance(units, type) else tuple(units)
         units = lambda module: isinstance(module, unit_types)  # noqa: E731
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     ignored = set(ignored_parameters) or None
     selected = [m for m in model.modules() if m is not model and units(m)]
     for module in reversed(selected):  # innermost first: fully_shard must run bottom-up
         unit_ignored = {p for p in module.parameters() if ignored and p in ignored} or None
+        if unit_ignored and len(unit_ignored) == len(list(module.parameters())):
+            continue  # nothing left to shard (e.g. an expert kept local by expert parallelism)
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy,
                     ignored_params=unit_ignored)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy,
