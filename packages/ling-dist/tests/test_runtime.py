@@ -60,3 +60,30 @@ def test_unknown_backend_is_a_clear_error(torchrun_env) -> None:
     torchrun_env(**full_env())
     with pytest.raises(DistributedEnvError, match="backend='mpi'"):
         init_distributed(backend="mpi")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device="tpu"), "device='tpu': expected None, 'auto', 'cpu' or 'cuda'"),
+    (dict(device="auto", backend="nccl"), "device='auto'.*needs backend gloo"),
+    (dict(device="cpu", backend="nccl"), "device='cpu' with backend='nccl'"),
+])
+def test_bad_device_is_a_clear_error(torchrun_env, monkeypatch: pytest.MonkeyPatch, kwargs, message) -> None:
+    torchrun_env(**full_env())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    with pytest.raises(DistributedEnvError, match=message):
+        init_distributed(**kwargs)
+    assert not torch.distributed.is_initialized()
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(torchrun_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    torchrun_env(**full_env())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DistributedEnvError, match="device='cuda' but LOCAL_RANK=0 has no visible CUDA device"):
+        init_distributed(backend="gloo", device="cuda")
+
+
+def test_auto_device_without_torchrun_is_this_process_device(torchrun_env) -> None:
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert init_distributed(device="auto") == (0, 1, expected)

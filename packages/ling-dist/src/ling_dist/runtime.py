@@ -31,7 +31,7 @@ def _env_int(name: str) -> int:
         raise DistributedEnvError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, *, device: str | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes; return `(rank, world_size, device)`.
 
     With none of torchrun's variables set this is a single process: `(0, 1, cpu)` and no
@@ -40,12 +40,25 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     and gloo otherwise (device `cpu`); an explicit `"gloo"` always gives device `cpu`.
     Raises `DistributedEnvError` for a partial or inconsistent environment, because a silently
     wrong rank would train on another rank's data shard or hang in the first collective.
+
+    `device="auto"` is the mixed CPU+CUDA job: every rank joins one gloo group (nccl cannot
+    include a CPU rank) and computes on `cuda:LOCAL_RANK` if it has that GPU, else on the CPU;
+    `ling_dist.collectives` then stages CUDA tensors through host memory for gloo. `device="cpu"`
+    or `"cuda"` forces the device (with `"cuda"` and no backend, nccl).
     """
+    if device not in (None, "auto", "cpu", "cuda"):
+        raise DistributedEnvError(f"device={device!r}: expected None, 'auto', 'cpu' or 'cuda'")
+    if device == "auto":
+        if backend not in (None, "gloo"):
+            raise DistributedEnvError(f"device='auto' (mixed CPU+CUDA job) needs backend gloo, got {backend!r}")
+        backend = "gloo"
+    elif device == "cpu" and backend is None:
+        backend = "gloo"
     present = [name for name in _REQUIRED if name in os.environ]
     if not present:
         if backend not in (None, "gloo", "nccl"):
             raise DistributedEnvError(f"backend={backend!r}: expected None, 'gloo' or 'nccl'")
-        return 0, 1, torch.device("cpu")
+        return 0, 1, _gloo_device(device, 0) if device else torch.device("cpu")
     missing = [name for name in _REQUIRED if name not in os.environ]
     if missing:
         raise DistributedEnvError(
@@ -68,16 +81,49 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         if local_rank >= torch.cuda.device_count():
             raise DistributedEnvError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        if device == "cpu":
+            raise DistributedEnvError("device='cpu' with backend='nccl': nccl needs CUDA tensors; use gloo")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif backend == "gloo":
-        device = torch.device("cpu")
+        device = _gloo_device(device, local_rank)
     else:
         raise DistributedEnvError(f"backend={backend!r}: expected None, 'gloo' or 'nccl'")
 
     if dist.is_initialized():
         raise DistributedEnvError("a default process group already exists; call init_distributed once")
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                            device_id=device if backend == "nccl" else None)
+    store = _elastic_attempt_store(rank, world_size)
+    dist.init_process_group(backend, init_method=None if store else "env://", store=store, rank=rank,
+                            world_size=world_size, device_id=device if backend == "nccl" else None)
     logger.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
     return rank, world_size, device
+
+
+def _gloo_device(device: str | None, local_rank: int) -> torch.device:
+    """The compute device of a gloo rank: CPU unless asked for CUDA ("auto": if this rank has it)."""
+    has_gpu = torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    if device == "cuda" and not has_gpu:
+        raise DistributedEnvError(f"device='cuda' but LOCAL_RANK={local_rank} has no visible CUDA device")
+    if device in ("cuda", "auto") and has_gpu:
+        cuda = torch.device("cuda", local_rank)
+        torch.cuda.set_device(cuda)
+        return cuda
+    return torch.device("cpu")
+
+
+def _elastic_attempt_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with a key prefix unique to this restart attempt.
+
+    After `--max-restarts` restarts a worker group, the agent's store still holds the previous
+    attempt's keys, including the listening addresses the old ranks published for gloo's
+    full-mesh connect; the new ranks then read a dead rank's address and fail ("Connection
+    refused") or hang (observed with torch 2.15, standalone rendezvous). A prefix per
+    TORCHELASTIC_RESTART_COUNT keeps every attempt's keys apart. Outside torchrun: None (env://).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world_size,
+                          is_master=not agent_hosts_store and rank == 0, multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"ling_dist/attempt-{attempt}", store)
