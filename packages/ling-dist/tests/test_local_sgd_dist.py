@@ -43,10 +43,10 @@ def test_ranks_agree_with_single_process_simulation(world_size: int, bucket_nume
     for got, want in zip(results[0]["params"], expected):
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
-    # Payload definition (DiLoCo docstring): the fp32-parameter broadcast at start-up, then per
-    # sync one int64 token count and the fp32 pseudo-gradient.
+    # Payload definition (LocalSGD docstring): the fp32-parameter broadcast at start-up, then per
+    # sync the float64 report (tokens, steps, norm) and the fp32 pseudo-gradient.
     numel = sum(p.numel() for p in make_model(0).parameters())
     syncs = STEPS // SYNC_EVERY
     for result in results:
         assert result["syncs"] == syncs
-        assert result["bytes_communicated"] == numel * 4 + syncs * (8 + numel * 4)
+        assert result["bytes_communicated"] == numel * 4 + syncs * (3 * 8 + numel * 4)

@@ -6,7 +6,11 @@ token-weighted pseudo-gradient averaging. The rest of issue 5 (EDiT, A-EDiT, DDP
 parallel wrappers, flash checkpoint) comes later. Imports torch only, never another ling package.
 """
 
-from ling_dist.local_sgd import DiLoCo
+from ling_dist.local_sgd import DiLoCo, LocalSGD, SyncStats
+from ling_dist.local_sgd_policy import EveryHSteps, EveryTSeconds, SyncPolicy
+from ling_dist.local_sgd_weighting import PseudoGradientPenalty, SyncWeights, TokenWeighting
 from ling_dist.runtime import DistributedEnvError, init_distributed
 
 __all__ = ["DiLoCo", "DistributedEnvError", "init_distributed"]
+__all__ += ["EveryHSteps", "EveryTSeconds", "LocalSGD", "PseudoGradientPenalty", "SyncPolicy", "SyncStats",
+            "SyncWeights", "TokenWeighting"]
