@@ -225,3 +225,27 @@ def test_remove_hooks_detaches_layerwise_sync() -> None:
     assert edit._pending is not None
     edit.remove_hooks()
     assert edit._pending is None and edit._hooks == []
+
+
+def test_each_unit_is_synced_before_its_forward_with_the_next_one_already_in_flight() -> None:
+    """Observed from a second pre-hook on every unit (runs after EDiT's): when unit k computes,
+    its exchange is done, unit k+1's is launched (prefetch) and nothing later has started."""
+    model = make_deep_model(0)
+    edit = EDiT(model, make_inner(model), sync_every=1)
+    units = [m for m in model if isinstance(m, nn.Linear)]
+    seen = []
+    for k, unit in enumerate(units):
+        unit.register_forward_pre_hook(lambda module, args, k=k: seen.append(
+            (k, k in edit._done, edit._next_launch, all(torch.equal(p, a) for p, a in
+                                                         zip(module.parameters(), unit_anchor(edit, module))))))
+    train(model, edit, rank_batches(0, 1, rows=2))  # the sync starts; unit 0 launched
+    assert edit._next_launch == 1 and not edit._done
+    seen.clear()  # drop the training forward's observations (no sync was pending then)
+    with torch.no_grad():
+        model(torch.randn(3, 4))
+    assert seen == [(k, True, min(k + 2, len(units)), True) for k in range(len(units))]
+
+
+def unit_anchor(edit: EDiT, module: nn.Module) -> list[torch.Tensor]:
+    ids = [id(p) for p in module.parameters()]
+    return [a for p, a in zip(edit.params, edit.anchor) if id(p) in ids]

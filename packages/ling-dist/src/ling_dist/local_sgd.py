@@ -20,7 +20,6 @@ A sync has two phases:
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,12 +195,14 @@ class LocalSGD:
     @torch.no_grad()
     def _start_sync(self) -> None:
         """Phase 1: gather every rank's report, weigh, and decide whether to exchange."""
-        norm = math.sqrt(sum(float((a - p.detach().float()).square().sum())
-                             for a, p in zip(self.anchor, self.params)))
+        device = self.anchor[0].device
+        # One host sync for the whole model (not one per parameter): per-parameter norms on
+        # their devices, gathered on the first one.
+        norms = [torch.linalg.vector_norm(a - p.detach().float()).to(device) for a, p in zip(self.anchor, self.params)]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms)))
         report = torch.tensor([self.tokens_since_sync, self.steps_since_sync, norm], dtype=torch.float64)
         sent = 0
         if self.distributed:
-            device = self.anchor[0].device
             world = dist.get_world_size(self.process_group)
             gathered = torch.empty(world * _REPORT_FIELDS, dtype=torch.float64, device=device)
             dist.all_gather_into_tensor(gathered, report.to(device), group=self.process_group)
