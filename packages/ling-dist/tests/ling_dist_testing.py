@@ -254,3 +254,41 @@ def aedit_with_straggler(rank: int, world_size: int, slow_rank: int, step_second
             reports.append(aedit.last_sync)
     aedit.sync()
     return {"losses": losses, "reports": reports, "inner_steps": aedit.inner_steps, "params": params_of(model)}
+
+
+def edit_inside_fsdp2_groups(rank: int, world_size: int, steps: int, sync_every: int) -> dict:
+    """2 workers x 2 shards on a (replicate, shard) mesh: each worker is an FSDP2 group, EDiT
+    runs across the groups on local shards. Alongside, the same workers unsharded: each rank
+    of a group trains on the group's concatenated batches (what FSDP's averaged gradient is
+    with equal batch sizes) and EDiT runs over the replicate group alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ling_dist.edit import EDiT
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    worker = rank // 2
+    group_batches = [rank_batches(r, steps, rows=4) for r in (2 * worker, 2 * worker + 1)]
+    results = {}
+    for sharded in (True, False):
+        model = make_deep_model(seed=0)
+        if sharded:
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh["shard"])
+            fully_shard(model, mesh=mesh["shard"])
+        edit = EDiT(model, make_inner(model), sync_every=sync_every,
+                    units=[m for m in model if isinstance(m, nn.Linear)], process_group=mesh.get_group("replicate"),
+                    shard_group=mesh.get_group("shard") if sharded else None)
+        for step in range(steps):
+            if sharded:
+                x, y, n = group_batches[rank % 2][step]
+            else:
+                x = torch.cat([b[step][0] for b in group_batches])
+                y = torch.cat([b[step][1] for b in group_batches])
+            edit.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            edit.step(tokens=x.shape[0])
+        edit.finish_sync()
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+        results[sharded] = {"params": full, "stats": edit.last_sync}
+    return results

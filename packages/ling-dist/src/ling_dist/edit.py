@@ -45,6 +45,9 @@ class EDiT(LocalSGD):
     model's own forward starts. With `layer_wise=False` all units are exchanged at the sync
     point itself (the whole-model sync). `penalty`: `PseudoGradientPenalty` (anomaly
     elimination, norm-weighted averaging, clipping); its defaults are EDiT's.
+    The hooks are prepended, so they run before FSDP2's pre-forward all-gather: with
+    `fully_shard` inside a group (`shard_group=`, see `LocalSGD`) the unit's shards are
+    synchronised before they are gathered for the forward.
     Per-sync statistics (norms, weights, excluded ranks, bytes) are in `last_sync`.
 
     With `layer_wise=True`, the model is synchronised only once its next forward has run (or
@@ -55,7 +58,8 @@ class EDiT(LocalSGD):
                  units: Sequence[nn.Module] | None = None, layer_wise: bool = True,
                  penalty: PseudoGradientPenalty | None = None, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  outer_nesterov: bool = True, process_group: dist.ProcessGroup | None = None,
-                 bucket_numel: int = 2**25, policy: SyncPolicy | None = None) -> None:
+                 shard_group: dist.ProcessGroup | None = None, bucket_numel: int = 2**25,
+                 policy: SyncPolicy | None = None) -> None:
         if (sync_every is None) == (policy is None):
             raise ValueError("pass exactly one of sync_every=H or policy=")
         modules = list(default_units(model) if units is None else units)
@@ -63,7 +67,7 @@ class EDiT(LocalSGD):
                          weighting=penalty if penalty is not None else PseudoGradientPenalty(),
                          outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
                          units=[list(module.parameters()) for module in modules],
-                         process_group=process_group, bucket_numel=bucket_numel)
+                         process_group=process_group, shard_group=shard_group, bucket_numel=bucket_numel)
         self.layer_wise = layer_wise
         self._hooks = []
         if layer_wise:
@@ -77,12 +81,12 @@ class EDiT(LocalSGD):
         rest = self.units[0].indices if self.units else []
         claimed_by_module = {id(p) for module in modules for p in module.parameters()}
         if rest and not any(id(self.params[i]) in claimed_by_module for i in rest):
-            self._hooks.append(model.register_forward_pre_hook(self._hook_for(0)))
+            self._hooks.append(model.register_forward_pre_hook(self._hook_for(0), prepend=True))
         for module in modules:
             indices = {unit_of[id(p)] for p in module.parameters() if id(p) in unit_of}
             # A module whose parameters another unit claimed first gets that unit's hook.
             for unit_index in sorted(indices):
-                self._hooks.append(module.register_forward_pre_hook(self._hook_for(unit_index)))
+                self._hooks.append(module.register_forward_pre_hook(self._hook_for(unit_index), prepend=True))
 
     def _hook_for(self, unit_index: int):
         def pre_forward(module: nn.Module, args) -> None:

@@ -27,11 +27,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ling_dist.local_sgd_policy import EveryHSteps, SyncPolicy
 from ling_dist.local_sgd_weighting import SyncWeights, TokenWeighting, Weighting
 
 _REPORT_FIELDS = 3  # tokens, inner steps, pseudo-gradient norm
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds: the local shard of a DTensor (FSDP2), else the
+    tensor itself; detached, sharing storage, so writing it writes the parameter."""
+    if isinstance(p, DTensor):
+        return p._local_tensor.detach()  # to_local() may return a copy under autograd; this never does
+    return p.detach()
 
 
 @dataclass
@@ -79,18 +88,26 @@ class LocalSGD:
 
     `units` (lists of parameters) fix the exchange granularity; parameters in no unit form a
     first unit of their own. Collectives run on `process_group` (default: the default group).
+
+    Sharding inside a group (HSDP-style, e.g. FSDP2 `fully_shard` over the inner dimension of a
+    2-D mesh): pass the replicate dimension's group as `process_group` and the shard
+    dimension's as `shard_group`. A worker is then a whole shard group: each rank keeps the
+    anchor of its own shards, exchanges them with the ranks holding the same shards, and the
+    worker's norm and tokens are summed over the shard group (8 + 8 bytes per sync point more).
     """
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, policy: SyncPolicy,
                  weighting: Weighting | None = None, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  outer_nesterov: bool = True, units: list[list[nn.Parameter]] | None = None,
-                 process_group: dist.ProcessGroup | None = None, bucket_numel: int = 2**25) -> None:
+                 process_group: dist.ProcessGroup | None = None, shard_group: dist.ProcessGroup | None = None,
+                 bucket_numel: int = 2**25) -> None:
         if bucket_numel < 1:
             raise ValueError(f"bucket_numel={bucket_numel}: expected >= 1")
         self.inner_optimizer = inner_optimizer
         self.policy = policy
         self.weighting = weighting if weighting is not None else TokenWeighting()
         self.process_group = process_group
+        self.shard_group = shard_group
         self.bucket_numel = bucket_numel
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -100,9 +117,9 @@ class LocalSGD:
         if self.distributed:
             with torch.no_grad():
                 for p in self.params:
-                    dist.broadcast(p, src=dist.get_global_rank(self._group(), 0), group=process_group)
+                    dist.broadcast(local_shard(p), src=dist.get_global_rank(self._group(), 0), group=process_group)
                     self.bytes_communicated += p.numel() * p.element_size()
-        self.anchor = [p.detach().to(torch.float32, copy=True) for p in self.params]
+        self.anchor = [local_shard(p).to(torch.float32, copy=True) for p in self.params]
         # Nesterov is undefined without momentum (torch refuses it), so momentum 0 means plain SGD.
         self.outer_optimizer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum,
                                                nesterov=outer_nesterov and outer_momentum > 0)
@@ -196,12 +213,18 @@ class LocalSGD:
     def _start_sync(self) -> None:
         """Phase 1: gather every rank's report, weigh, and decide whether to exchange."""
         device = self.anchor[0].device
-        # One host sync for the whole model (not one per parameter): per-parameter norms on
-        # their devices, gathered on the first one.
-        norms = [torch.linalg.vector_norm(a - p.detach().float()).to(device) for a, p in zip(self.anchor, self.params)]
-        norm = float(torch.linalg.vector_norm(torch.stack(norms)))
-        report = torch.tensor([self.tokens_since_sync, self.steps_since_sync, norm], dtype=torch.float64)
+        # One host sync for the whole model (not one per parameter): per-parameter squared norms
+        # on their devices, summed on the first one.
+        squares = torch.stack([torch.linalg.vector_norm(a - local_shard(p).float()).square().to(device)
+                               for a, p in zip(self.anchor, self.params)]).sum()
+        worker = torch.stack([squares.double(), torch.tensor(float(self.tokens_since_sync), dtype=torch.float64,
+                                                             device=device)])
         sent = 0
+        if self.shard_group is not None:  # the worker is the whole shard group: its norm and tokens
+            dist.all_reduce(worker, group=self.shard_group)
+            sent += worker.numel() * worker.element_size()
+        squares, tokens = worker.tolist()
+        report = torch.tensor([tokens, self.steps_since_sync, squares ** 0.5], dtype=torch.float64)
         if self.distributed:
             world = dist.get_world_size(self.process_group)
             gathered = torch.empty(world * _REPORT_FIELDS, dtype=torch.float64, device=device)
@@ -239,7 +262,7 @@ class LocalSGD:
         unit = self.units[unit_index]
         work = []
         for bucket in unit.buckets:
-            flat = torch.cat([(self.anchor[i] - self.params[i].detach().float()).flatten() for i in bucket])
+            flat = torch.cat([(self.anchor[i] - local_shard(self.params[i]).float()).flatten() for i in bucket])
             flat.mul_(self._rank_weight)
             handle = None
             if self.distributed:
@@ -273,7 +296,7 @@ class LocalSGD:
             self.outer_optimizer.step()  # steps only the anchors that have a .grad: this unit's
         for i in unit.indices:
             self.anchor[i].grad = None
-            self.params[i].copy_(self.anchor[i])
+            local_shard(self.params[i]).copy_(self.anchor[i])
         self._done.add(unit_index)
         if len(self._done) == len(self.units):
             self._pending = None
