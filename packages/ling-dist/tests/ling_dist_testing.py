@@ -290,5 +290,6 @@ def edit_inside_fsdp2_groups(rank: int, world_size: int, steps: int, sync_every:
             edit.step(tokens=x.shape[0])
         edit.finish_sync()
         full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
-        results[sharded] = {"params": full, "stats": edit.last_sync}
+        results[sharded] = {"params": full, "stats": edit.last_sync, "bytes": edit.bytes_communicated,
+                            "local_numel": sum(a.numel() for a in edit.anchor)}
     return results

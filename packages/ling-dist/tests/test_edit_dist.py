@@ -80,3 +80,12 @@ def test_edit_across_fsdp2_groups_equals_unsharded_workers(tmp_path) -> None:
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
     for p, q in zip(results[0][True]["params"], results[3][True]["params"]):
         assert torch.equal(p, q)
+    # Each rank broadcasts and exchanges its own shards only (dim 0 split in two; the last
+    # layer's single row goes to one rank), plus the 16-byte shard-group sum per sync.
+    numel, syncs = sum(p.numel() for p in results[0][False]["params"]), 2
+    assert results[0][True]["local_numel"] + results[1][True]["local_numel"] == numel
+    for result in results:
+        local = result[True]["local_numel"]
+        assert local < numel
+        assert result[True]["bytes"] == local * 4 + syncs * (16 + 24 + local * 4)
+        assert result[False]["bytes"] == numel * 4 + syncs * (24 + numel * 4)

@@ -117,8 +117,9 @@ class LocalSGD:
         if self.distributed:
             with torch.no_grad():
                 for p in self.params:
-                    dist.broadcast(local_shard(p), src=dist.get_global_rank(self._group(), 0), group=process_group)
-                    self.bytes_communicated += p.numel() * p.element_size()
+                    shard = local_shard(p)
+                    dist.broadcast(shard, src=dist.get_global_rank(self._group(), 0), group=process_group)
+                    self.bytes_communicated += shard.numel() * shard.element_size()
         self.anchor = [local_shard(p).to(torch.float32, copy=True) for p in self.params]
         # Nesterov is undefined without momentum (torch refuses it), so momentum 0 means plain SGD.
         self.outer_optimizer = torch.optim.SGD(self.anchor, lr=outer_lr, momentum=outer_momentum,
