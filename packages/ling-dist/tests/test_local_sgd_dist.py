@@ -43,10 +43,25 @@ def test_ranks_agree_with_single_process_simulation(world_size: int, bucket_nume
     for got, want in zip(results[0]["params"], expected):
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
-    # Payload definition (DiLoCo docstring): the fp32-parameter broadcast at start-up, then per
-    # sync one int64 token count and the fp32 pseudo-gradient.
+    # Payload definition (LocalSGD docstring): the fp32-parameter broadcast at start-up, then per
+    # sync the float64 report (tokens, steps, norm) and the fp32 pseudo-gradient.
     numel = sum(p.numel() for p in make_model(0).parameters())
     syncs = STEPS // SYNC_EVERY
     for result in results:
         assert result["syncs"] == syncs
-        assert result["bytes_communicated"] == numel * 4 + syncs * (8 + numel * 4)
+        assert result["bytes_communicated"] == numel * 4 + syncs * (3 * 8 + numel * 4)
+
+
+@pytest.mark.dist
+def test_diloco_with_one_step_intervals_is_synchronous_data_parallel_sgd(tmp_path) -> None:
+    """H=1, outer lr 1, no momentum: the anchor moves by the token-weighted mean of the ranks'
+    SGD steps, i.e. lr times the gradient of the mean loss over all ranks' rows. Tolerance:
+    anchor - (anchor - lr g) rounds in fp32 (a few ulp of values ~0.5 per step), 5 steps stay
+    far below 1e-6, while dropping the token weights moves parameters by ~1e-3."""
+    from ling_dist_testing import dp_sgd_reference, spawn
+    steps, lr = 5, 0.1
+    results = spawn("diloco_as_data_parallel", 3, tmp_path, steps=steps, lr=lr)
+    expected = dp_sgd_reference(3, steps, lr)
+    for result in results:
+        for got, want in zip(result["params"], expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

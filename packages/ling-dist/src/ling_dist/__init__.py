@@ -1,9 +1,9 @@
 """ling-dist: distributed training for any `nn.Module` on torch.distributed.
 
-Built so far: `init_distributed` (torchrun's environment -> process group, or a single process
-without one) and `DiLoCo`, the synchronous Local SGD wrapper around an inner optimizer with
-token-weighted pseudo-gradient averaging. The rest of issue 5 (EDiT, A-EDiT, DDP/FSDP2/expert
-parallel wrappers, flash checkpoint) comes later. Imports torch only, never another ling package.
+`init_distributed` (torchrun's environment -> process group, or a single process without one);
+the Local SGD family (DiLoCo, EDiT, A-EDiT) as wrappers around an inner optimizer; DDP / FSDP2 /
+expert-parallel wrappers on a 2-D mesh; flash checkpoint, migration, straggler detection.
+Imports torch only, never another ling package.
 """
 
 from ling_dist.local_sgd import DiLoCo
@@ -21,3 +21,11 @@ from ling_dist.straggler import StragglerMonitor, StragglerRecord  # noqa: E402
 __all__ += ["CheckpointError", "FlashCheckpointer", "StragglerMonitor", "StragglerRecord", "apply_ddp",
             "apply_expert_parallel", "apply_fsdp", "data_parallel_mesh", "expert_parallel_parameters",
             "latest_complete", "load_resharded", "save_reshardable"]
+# The Local SGD family: one core (`LocalSGD`), a sync policy, a weighting; DiLoCo, EDiT, A-EDiT.
+from ling_dist.edit import AEDiT, EDiT, default_units  # noqa: E402
+from ling_dist.local_sgd import LocalSGD, SyncStats  # noqa: E402
+from ling_dist.local_sgd_policy import EveryHSteps, EveryTSeconds, SyncPolicy  # noqa: E402
+from ling_dist.local_sgd_weighting import PseudoGradientPenalty, SyncWeights, TokenWeighting  # noqa: E402
+
+__all__ += ["AEDiT", "EDiT", "EveryHSteps", "EveryTSeconds", "LocalSGD", "PseudoGradientPenalty", "SyncPolicy",
+            "SyncStats", "SyncWeights", "TokenWeighting", "default_units"]
