@@ -122,3 +122,17 @@ def test_truncated_or_bit_flipped_zst_never_raises_anything_else(tmp_path, recor
     expected = [t for t in records if t.strip()]
     if len(damaged) == len(whole) and not flip % 2:
         assert result == expected
+
+
+@settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_tokenizer_load_fuzz_random_bytes_give_data_error(tmp_path: Path, data: bytes) -> None:
+    from ling_data import Tokenizer
+
+    path = tmp_path / "fuzz.model"
+    path.write_bytes(data)
+    try:
+        tokenizer = Tokenizer.load(path)
+    except DataError:
+        return
+    assert tokenizer.vocab_size >= 0
