@@ -56,7 +56,7 @@ def test_context_sharing_on_a_ling_model_matches_packed_rows():
     requests = [Request(tuple(torch.randint(4, 512, (n,), generator=gen).tolist()),
                         tuple(torch.randint(4, 512, (m,), generator=gen).tolist()))
                 for n, m in [(5, 3), (9, 1), (2, 6)] for _ in range(3)]
-    shared = loglikelihood(model, requests, batch_size=2, share_context=True)
+    shared = loglikelihood(model, requests, batch_size=9, share_context=True)  # mixed lengths in one batch
     packed = loglikelihood(model, requests, batch_size=4, share_context=False)
     for a, b in zip(shared, packed):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.greedy == b.greedy

@@ -23,38 +23,62 @@ TOKENIZER_FILE = "tokenizer.model"
 Cache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
-def _attention(attn: Attention, x: torch.Tensor, layer_cache, past: int):
+def _attention(attn: Attention, x: torch.Tensor, layer_cache, past: int, positions, mask):
+    """positions: None (0.. in order) or [batch, seq] RoPE positions; mask: None (causal) or
+    [batch, 1, seq, past + seq] bool, True = may attend."""
     batch, seq, _ = x.shape
     q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
     q, k, v = attn.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
     q = q.view(batch, seq, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = k.view(batch, seq, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     v = v.view(batch, seq, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    cos, sin = rope_cos_sin(past + seq, attn.head_dim, attn.rope_theta, x.device)
-    cos, sin = cos[past:], sin[past:]
+    if positions is None:
+        cos, sin = rope_cos_sin(past + seq, attn.head_dim, attn.rope_theta, x.device)
+        cos, sin = cos[past:], sin[past:]
+    else:
+        cos, sin = rope_cos_sin(int(positions.max()) + 1, attn.head_dim, attn.rope_theta, x.device)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [batch, 1, seq, head_dim]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if layer_cache is not None:
         k = torch.cat([layer_cache[0], k], dim=2)
         v = torch.cat([layer_cache[1], v], dim=2)
     gqa = attn.num_kv_heads != attn.num_heads
-    if past == 0:
+    if mask is None and past == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:  # query i (at position past + i) sees keys 0 .. past + i
-        positions = torch.arange(past + seq, device=x.device)
-        mask = positions[None, :] <= (past + torch.arange(seq, device=x.device))[:, None]
+    else:
+        if mask is None:  # query i (at position past + i) sees keys 0 .. past + i
+            slots = torch.arange(past + seq, device=x.device)
+            mask = slots[None, :] <= slots[past:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return attn.dense(out.transpose(1, 2).reshape(batch, seq, q_size)), (k, v)
 
 
+def _positions_and_mask(attention_mask: torch.Tensor, past: int, seq: int):
+    """RoPE positions (real tokens counted from the mask) and the [batch, 1, seq, past + seq]
+    attention mask: causal, padded keys masked; a padding query attends to itself only (its
+    output is never read, but a row of all-False would make SDPA return NaN)."""
+    attention_mask = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+    slots = torch.arange(past + seq, device=attention_mask.device)
+    causal = slots[None, :] <= slots[past:, None]
+    mask = (causal[None] & attention_mask[:, None, :]) | (slots[None, :] == slots[past:, None])[None]
+    return positions, mask[:, None]
+
+
 @torch.no_grad()
-def extend(model: LingForCausalLM, input_ids: torch.Tensor, cache: Cache | None = None
-           ) -> tuple[torch.Tensor, Cache]:
-    """Logits of `input_ids` placed after the positions held in `cache`, and the grown cache."""
+def extend(model: LingForCausalLM, input_ids: torch.Tensor, cache: Cache | None = None,
+           attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Cache]:
+    """Logits of `input_ids` placed after the positions held in `cache`, and the grown cache.
+    `attention_mask` [batch, cached + new], 0 = padding (see ling_eval.model)."""
     past = 0 if cache is None else cache[0][0].shape[2]
+    positions = mask = None
+    if attention_mask is not None:
+        positions, mask = _positions_and_mask(attention_mask, past, input_ids.shape[1])
     x = model.model.word_embeddings(input_ids)
     new_cache = []
     for i, layer in enumerate(model.model.layers):
-        out, kv = _attention(layer.attention, layer.input_layernorm(x), None if cache is None else cache[i], past)
+        out, kv = _attention(layer.attention, layer.input_layernorm(x), None if cache is None else cache[i], past,
+                             positions, mask)
         x = x + out
         h = layer.post_attention_layernorm(x)
         x = x + (layer.mlp(h)[0] if layer.is_moe else layer.mlp(h))
@@ -72,7 +96,7 @@ def ling_eval_model(model: LingForCausalLM, max_length: int | None = None) -> Ev
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids).logits
 
-    return EvalModel(forward, lambda ids, cache: extend(model, ids, cache),
+    return EvalModel(forward, lambda ids, cache, attention_mask=None: extend(model, ids, cache, attention_mask),
                      max_length=max_length or model.config.max_position_embeddings, device=device)
 
 

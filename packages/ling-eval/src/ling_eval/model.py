@@ -1,10 +1,14 @@
 """What ling-eval needs from a model and a tokenizer, so it works with any causal LM.
 
 A model is a callable `input_ids [batch, seq] (int64) -> logits [batch, seq, vocab]`. It may
-also offer `extend(input_ids, cache) -> (logits, cache)`: run `input_ids` as the positions
-following those already held in `cache` (`None` = empty) and return their logits and the grown
-cache. The cache is any nest of tuples/lists/dicts of tensors whose first dimension is the
-batch, so ling-eval can repeat a context's cache for each of its choices with `select_rows`.
+also offer `extend(input_ids, cache, attention_mask=None) -> (logits, cache)`: run `input_ids`
+as the positions following those already held in `cache` (`None` = empty) and return their
+logits and the grown cache. `attention_mask` [batch, cached + seq] (HF convention) is 1 for real
+tokens and 0 for padding, over the cached and the new positions: padded keys are never attended
+to and a token's position is the number of real tokens before it, so rows of different lengths
+(left-padded contexts) share one batch. The cache is any nest of tuples/lists/dicts of tensors
+whose first dimension is the batch, so ling-eval can repeat a context's cache for each of its
+choices with `select_rows`.
 With `extend`, a multiple-choice context is run once for all its choices and greedy generation
 costs one token per step; without it, ling-eval falls back to full forwards.
 """
@@ -29,7 +33,7 @@ class Tokenizer(Protocol):
 
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-Extend = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+Extend = Callable[..., tuple[torch.Tensor, Any]]  # (input_ids, cache, attention_mask=None)
 
 
 @dataclass

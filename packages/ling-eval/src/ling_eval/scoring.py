@@ -87,30 +87,66 @@ def _score_packed(model: EvalModel, requests: Sequence[Request], batch_size: int
 
 def _score_shared(model: EvalModel, requests: Sequence[Request], batch_size: int,
                   scores: list, progress: Progress | None) -> None:
-    """Group requests by context: run context[:-1] once, then all continuations (each row
-    context[-1] + continuation[:-1]) in batches on copies of its cache."""
+    """Group requests by context; batch contexts (longest first) until their requests fill
+    `batch_size` rows. Per batch: one call runs every context[:-1] (left-padded, masked), one
+    call runs all their continuations (each row context[-1] + continuation[:-1], right-padded)
+    on the cache rows of their context."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, r in enumerate(requests):
         groups.setdefault(r.context, []).append(index)
+    batch: list[tuple[tuple[int, ...], list[int]]] = []
+    rows = 0
     for context, members in sorted(groups.items(), key=lambda g: -len(g[0])):
-        longest = max(len(requests[i].continuation) for i in members)
-        context = context[-max(model.max_length - longest, 1):]
-        cache = None
-        if len(context) > 1:
-            _, cache = model.extend(model.tensor([context[:-1]]), None)
-        members = sorted(members, key=lambda i: -len(requests[i].continuation))
-        for start in range(0, len(members), batch_size):
-            batch = members[start:start + batch_size]
-            rows = [(context[-1],) + requests[i].continuation[:-1] for i in batch]
-            batch_cache = None if cache is None else select_rows(cache, torch.zeros(len(batch), dtype=torch.long))
-            logits, _ = model.extend(model.tensor(rows), batch_cache)
-            for b, i in enumerate(batch):
-                cont = requests[i].continuation
-                target = torch.as_tensor(cont, device=logits.device)
-                logprob, greedy = _continuation_scores(logits[b, :len(cont)], target)
-                scores[i] = Score(logprob, greedy, len(cont))
+        if batch and rows + len(members) > batch_size:
+            _run_shared_batch(model, requests, batch, scores)
             if progress:
-                progress(len(batch))
+                progress(rows)
+            batch, rows = [], 0
+        batch.append((context, members))
+        rows += len(members)
+    if batch:
+        _run_shared_batch(model, requests, batch, scores)
+        if progress:
+            progress(rows)
+
+
+def _run_shared_batch(model: EvalModel, requests: Sequence[Request], batch, scores: list) -> None:
+    contexts = []
+    for context, members in batch:
+        longest = max(len(requests[i].continuation) for i in members)
+        contexts.append(context[-max(model.max_length - longest, 1):])
+    prefix_len = max(len(c) - 1 for c in contexts)
+    cache = prefix_mask = None
+    if prefix_len > 0:
+        prefix_mask = torch.zeros(len(contexts), prefix_len, dtype=torch.long)
+        prefix_ids = torch.zeros(len(contexts), prefix_len, dtype=torch.long)
+        for k, context in enumerate(contexts):
+            n = len(context) - 1
+            if n:
+                prefix_ids[k, prefix_len - n:] = torch.as_tensor(context[:-1])
+                prefix_mask[k, prefix_len - n:] = 1
+        prefix_mask = prefix_mask.to(model.device)
+        _, cache = model.extend(prefix_ids.to(model.device), None, prefix_mask)
+    row_rows, row_context, row_request = [], [], []
+    for k, (_, members) in enumerate(batch):
+        for i in members:
+            row_rows.append((contexts[k][-1],) + requests[i].continuation[:-1])
+            row_context.append(k)
+            row_request.append(i)
+    row_ids = model.tensor(row_rows)
+    row_mask = torch.zeros(row_ids.shape, dtype=torch.long, device=row_ids.device)
+    for b, row in enumerate(row_rows):
+        row_mask[b, :len(row)] = 1
+    which = torch.as_tensor(row_context, dtype=torch.long)
+    if cache is not None:
+        cache = select_rows(cache, which)
+        row_mask = torch.cat([prefix_mask.index_select(0, which.to(prefix_mask.device)), row_mask], dim=1)
+    logits, _ = model.extend(row_ids, cache, row_mask)
+    for b, i in enumerate(row_request):
+        cont = requests[i].continuation
+        target = torch.as_tensor(cont, device=logits.device)
+        logprob, greedy = _continuation_scores(logits[b, :len(cont)], target)
+        scores[i] = Score(logprob, greedy, len(cont))
 
 
 def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[Request]:

@@ -39,16 +39,23 @@ class TinyTransformer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.out = nn.Linear(dim, vocab_size)
 
-    def extend(self, input_ids: torch.Tensor, cache=None):
-        """Logits of `input_ids` continuing the positions held in `cache` = (keys, values)."""
+    def extend(self, input_ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
+        """Logits of `input_ids` continuing the positions held in `cache` = (keys, values);
+        `attention_mask` [batch, cached + new]: 0 marks padding (see ling_eval.model)."""
         past = 0 if cache is None else cache[0].shape[1]
-        n = input_ids.shape[1]
-        positions = torch.arange(past, past + n, device=input_ids.device)
+        batch, n = input_ids.shape
+        slots = torch.arange(past + n, device=input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + n, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
         x = self.embed(input_ids) + self.position(positions)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
-        allowed = torch.arange(past + n, device=x.device)[None, :] <= positions[:, None]
+        causal = slots[None, :] <= slots[past:, None]
+        allowed = causal[None] & attention_mask[:, None, :]
+        allowed = allowed | (slots[None, None, :] == slots[past:, None][None])  # a pad row attends to itself
         scores = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
         attended = F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
         h = x + attended
