@@ -18,6 +18,9 @@ examples:
   ling-plan cost --size plus --tokens 1T --devices examples/ling_report_devices.toml \\
       --reference D=6.35e6 --reference A,B,C,E=5.08e6 --sensitivity --out plan/
   ling-plan cost --size lite --tokens 300B --devices my.toml --fsdp 8 --ep 8   # one layout
+  ling-plan validate                   # predicted vs measured memory and step time, this CPU
+  ling-plan sweep --out sweep/         # small lr x batch x compute grid of tiny models (CPU)
+  ling-plan fit sweep/runs.jsonl --budget 1e15   # power laws, suggested --lr / --batch-size
 """
 
 
@@ -85,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
                       help="a published cost to compare with, per cluster or device name (repeatable)")
     cost.add_argument("--sensitivity", action="store_true", help="also tabulate cost under other assumptions")
     cost.add_argument("--out", help="directory for plan.md and plan.png")
+
+    from ling_train.plan import scaling_cli, validate_cli
+    validate_cli.add_parser(sub)
+    scaling_cli.add_parsers(sub)
 
     return p
 
@@ -184,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     from ling_core import ConfigError
     from ling_train.config import RunConfigError
     from ling_train.plan.devices import DeviceTableError
+    from ling_train.plan.scaling_cli import SweepError
+    from ling_train.scaling import FitError
 
-    bad_input = (UsageError, ConfigError, RunConfigError, DeviceTableError)
+    bad_input = (UsageError, ConfigError, RunConfigError, DeviceTableError, FitError, SweepError)
     try:
         text = args.handler(args) if hasattr(args, "handler") else run_cost(args)
     except bad_input as e:
