@@ -100,3 +100,24 @@ def test_cli_bad_table_names_file_and_line(tmp_path, capsys):
     assert main(["cost", "--devices", str(bad)]) == 2
     assert f"{bad}:21: [[device]] memory_gib" in capsys.readouterr().err
     assert load_device_table(EXAMPLE).devices["B"].memory_gib == 96
+
+
+def test_local_sgd_sync_is_amortised_and_edit_hides_it():
+    config = preset("lite")
+    layout = Layout(64, fsdp=8, replicas=8)
+    slow_link = DeviceClass("slow", 300, 80, 300, 0.5, 1)
+    plain = estimate_step(config, layout, slow_link, 4096, 2 ** 20, Assumptions(edit_overlap=0.0, sync_every=10))
+    rarer = estimate_step(config, layout, slow_link, 4096, 2 ** 20, Assumptions(edit_overlap=0.0, sync_every=100))
+    edit = estimate_step(config, layout, slow_link, 4096, 2 ** 20, Assumptions(sync_every=10))
+    assert plain.local_sgd_s == pytest.approx(10 * rarer.local_sgd_s)
+    assert 0 < edit.local_sgd_s < plain.local_sgd_s
+    single = estimate_step(config, Layout(64, fsdp=8), slow_link, 4096, 2 ** 20)
+    assert single.local_sgd_s == 0
+
+
+def test_local_sgd_replicas_pay_for_their_anchor_in_memory():
+    from ling_train.plan.memory import memory_per_device
+    config = preset("lite")
+    one = memory_per_device(config, Layout(64, fsdp=8), 4096)
+    many = memory_per_device(config, Layout(64, fsdp=8, replicas=8), 4096)
+    assert one.local_sgd == 0 and many.local_sgd == pytest.approx(2 * one.weights)
