@@ -113,12 +113,36 @@ def load_runs(path: str | Path) -> list[Run]:
     return runs
 
 
+def _vertex(values: list[float], losses: list[float], best: float) -> float:
+    """The minimum of a parabola through loss vs log(value), kept inside the grid: a coarse grid's
+    best point only says "somewhere near here"; the parabola places the optimum between points.
+    Falls back to the grid's best when there are < 3 points or the parabola does not open up."""
+    if len(set(values)) < 3:
+        return best
+    x = np.log(np.asarray(values, dtype=float))
+    a, b, _ = np.polyfit(x, np.asarray(losses, dtype=float), 2)
+    if a <= 0:
+        return best
+    return float(np.exp(np.clip(-b / (2 * a), x.min(), x.max())))
+
+
+def budget_optimum(group: list[Run]) -> Run:
+    """One budget's optimum: the lowest-loss run, with lr refined along its batch's lr sweep and
+    batch refined along its lr's batch sweep (each by `_vertex`)."""
+    best = min(group, key=lambda r: r.loss)
+    same_batch = [r for r in group if r.batch_tokens == best.batch_tokens]
+    same_lr = [r for r in group if r.lr == best.lr]
+    lr = _vertex([r.lr for r in same_batch], [r.loss for r in same_batch], best.lr)
+    batch = _vertex([r.batch_tokens for r in same_lr], [r.loss for r in same_lr], best.batch_tokens)
+    return Run(best.compute, lr, batch, best.loss)
+
+
 def optima(runs: list[Run]) -> list[Run]:
-    """The lowest-loss run of each compute budget, budgets in increasing order."""
+    """The optimum of each compute budget (see `budget_optimum`), budgets in increasing order."""
     by_budget: dict[float, list[Run]] = defaultdict(list)
     for run in runs:
         by_budget[run.compute].append(run)
-    return [min(group, key=lambda r: r.loss) for _, group in sorted(by_budget.items())]
+    return [budget_optimum(group) for _, group in sorted(by_budget.items())]
 
 
 @dataclass(frozen=True)
@@ -145,7 +169,7 @@ def _bootstrap_exponent_ci(runs: list[Run], field: str, resamples: int, seed: in
         for budget in budgets:
             group = by_budget[budget]
             sample = [group[i] for i in rng.integers(0, len(group), len(group))]
-            best.append(min(sample, key=lambda r: r.loss))
+            best.append(budget_optimum(sample))
         x = np.array([r.compute for r in best])
         y = np.array([getattr(r, field) for r in best])
         params, _ = _ols_log(x, y)

@@ -112,8 +112,8 @@ def run_cost(args: argparse.Namespace) -> str:
     from ling_train.plan.cost import plan_layout, plan_table
     from ling_train.plan.devices import load_device_table
     from ling_train.plan.memory import PRECISIONS, Layout
-    from ling_train.plan.report import (comparison_markdown, comparison_png, memory_markdown,
-                                        sensitivity_markdown)
+    from ling_train.plan.report import (comparison_markdown, comparison_png, duration, memory_markdown,
+                                        money, sensitivity_markdown)
     from ling_train.plan.timing import Assumptions
 
     name, config = model_config(args)
@@ -149,7 +149,7 @@ def run_cost(args: argparse.Namespace) -> str:
                     f"step {plan.step.step_s:.3f} s (compute {plan.step.compute_s:.3f}, FSDP/HSDP traffic "
                     f"{plan.step.fsdp_s:.3f}, expert all-to-all {plan.step.expert_all_to_all_s:.3f}, Local SGD "
                     f"{plan.step.local_sgd_s:.3f}); {plan.step.tokens_per_s:,.0f} tokens/s; achieved MFU "
-                    f"{plan.step.mfu:.1%}; {plan.days:.1f} days; {plan.cost / 1e6:.3f}M {table.currency}", ""]
+                    f"{plan.step.mfu:.1%}; {duration(plan.days)}; {money(plan.cost, table.currency)}", ""]
         return "\n".join(out)
     logging.getLogger("ling_train").info("searching layouts on %d clusters", len(table.clusters))
     rows = plan_table(config, table, tokens, args.seq_len, global_batch, assumptions, precision)

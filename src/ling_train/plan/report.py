@@ -27,14 +27,19 @@ def describe_layout(plan: Plan) -> str:
 
 
 def money(x: float, currency: str) -> str:
-    return f"{x / 1e6:.2f}M {currency}".strip()
+    amount = f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:,.2f}"
+    return f"{amount} {currency}".strip()
+
+
+def duration(days: float) -> str:
+    return f"{days:.1f} days" if days >= 1 else f"{days * 24:.2g} h"
 
 
 def comparison_markdown(rows: list[tuple[Cluster, Plan | None, Plan | None]], currency: str,
                         references: dict[str, float] | None = None) -> str:
     references = references or {}
     header = ["cluster", "device", "devices", "cheapest layout", "memory/device", "step", "tokens/s",
-              "achieved MFU", "days", "cost"]
+              "achieved MFU", "time", "cost"]
     if references:
         header += ["reference cost", "ours vs reference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -47,7 +52,7 @@ def comparison_markdown(rows: list[tuple[Cluster, Plan | None, Plan | None]], cu
             cells = [cluster.name, device.name, str(cluster.count), describe_layout(best),
                      f"{best.memory.total / GIB:.1f} / {device.memory_gib:g} GiB",
                      f"{best.step.step_s:.2f} s", f"{best.step.tokens_per_s:,.0f}", f"{best.step.mfu:.1%}",
-                     f"{best.days:.1f}", money(best.cost, currency)]
+                     duration(best.days), money(best.cost, currency)]
             if references:
                 ref = references.get(cluster.name, references.get(device.name))
                 cells += ([money(ref, currency), f"{best.cost / ref - 1:+.0%}"] if ref else ["", ""])

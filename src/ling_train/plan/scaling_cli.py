@@ -89,6 +89,16 @@ def run_fit(args: argparse.Namespace) -> str:
     fit = fit_scaling(runs, resamples=args.resamples)
     lines = [f"# scaling fits from {args.runs} ({len(runs)} runs, {len(fit.optima)} budgets)", "",
              fit.loss.describe("loss"), fit.lr.describe("lr_opt"), fit.batch_tokens.describe("batch_opt (tokens)"), ""]
+    lines += ["| compute | best loss | lr_opt | batch_opt (tokens) |", "|---|---|---|---|"]
+    lines += [f"| {r.compute:.3g} | {r.loss:.3f} | {r.lr:.3g} | {r.batch_tokens:,.0f} |" for r in fit.optima]
+    lines.append("")
+    for r in fit.optima:
+        group = [x for x in runs if x.compute == r.compute]
+        for field, flag in (("lr", "--lrs"), ("batch_tokens", "--batches")):
+            grid = [getattr(x, field) for x in group]
+            if any(math.isclose(getattr(r, field), edge, rel_tol=1e-6) for edge in (min(grid), max(grid))):
+                lines.append(f"note: at C = {r.compute:.3g} the {field} optimum is at the grid's edge "
+                             f"({getattr(r, field):.3g}); widen {flag} for a trustworthy fit")
     budget = parse_count("--budget", args.budget) if args.budget else None
     if budget:
         s = fit.suggest(budget)
