@@ -200,6 +200,7 @@ def plot_fit(fit: ScalingFit, runs: list[Run], path: Path, budget: float | None 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     from ling_train.plan.report import save_png_atomic
 
@@ -221,6 +222,7 @@ def plot_fit(fit: ScalingFit, runs: list[Run], path: Path, budget: float | None 
             ax.axvline(budget, color="tab:green", linestyle="--", label="budget")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a narrow log axis
         ax.set_xlabel("compute (FLOPs)")
         ax.set_ylabel(label)
         ax.legend(fontsize="x-small")
