@@ -112,8 +112,8 @@ def run_cost(args: argparse.Namespace) -> str:
     from ling_train.plan.cost import plan_layout, plan_table
     from ling_train.plan.devices import load_device_table
     from ling_train.plan.memory import PRECISIONS, Layout
-    from ling_train.plan.report import (comparison_markdown, comparison_png, duration, memory_markdown,
-                                        money, sensitivity_markdown)
+    from ling_train.plan.report import (comparison_markdown, comparison_png, describe_layout, duration,
+                                        memory_markdown, money, sensitivity_markdown)
     from ling_train.plan.timing import Assumptions
 
     name, config = model_config(args)
@@ -156,7 +156,7 @@ def run_cost(args: argparse.Namespace) -> str:
     out += ["## cheapest feasible layout per cluster", "", comparison_markdown(rows, table.currency, references)]
     for cluster, best, _ in rows:
         if best is not None:
-            out += [f"### {cluster.name}: memory per device ({describe(best)})", "", memory_markdown(best)]
+            out += [f"### {cluster.name}: memory per device ({describe_layout(best)})", "", memory_markdown(best)]
     if references:
         from ling_train.plan.report import implied_mfu
         out += ["## assumed MFU that would reproduce each reference cost", "",
@@ -178,11 +178,6 @@ def run_cost(args: argparse.Namespace) -> str:
         write_text_atomic(directory / "plan.md", text)
         comparison_png(rows, table.currency, directory / "plan.png", title, references)
     return text
-
-
-def describe(plan) -> str:
-    from ling_train.plan.report import describe_layout
-    return describe_layout(plan)
 
 
 def main(argv: list[str] | None = None) -> int:

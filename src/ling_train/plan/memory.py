@@ -59,11 +59,6 @@ class Layout:
     def devices_per_replica(self) -> int:
         return self.devices // self.replicas
 
-    @property
-    def data_parallel(self) -> int:
-        """Devices that each process different sequences (all of them: no tensor parallelism)."""
-        return self.devices
-
     def problems(self, config: LingConfig) -> list[str]:
         """Why this layout cannot run at all (empty when it is well-formed)."""
         out = []
