@@ -51,8 +51,11 @@ def test_model_states_match_measured_allocations():
     config = small_config()
     model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, config.vocab_size, (2, 16))
+    ids = torch.randint(0, config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     model(ids, ids).loss.backward()
+    # An expert that receives no token gets no gradient (and no AdamW moments): the planner
+    # budgets for it anyway, so the exact comparison needs every expert used.
+    assert all(p.grad is not None for p in model.parameters())
     optimizer.step()
     predicted = memory_per_device(config, Layout(1), 16, FP32)
     assert allocated_state_bytes(model, optimizer) == predicted.weights + predicted.gradients + predicted.optimizer
@@ -88,7 +91,7 @@ def test_activation_formula_matches_saved_tensors(hidden, heads, kv_div, experts
     config = small_config(hidden, heads, heads // kv_div, experts, min(top_k, experts), layers,
                           min(dense, layers), shared)
     model = build_model(config)
-    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     measured = saved_activation_bytes(model, ids)
     predicted = memory_per_device(config, Layout(1, micro_batch=batch), seq, FP32).activations
     assert abs(predicted - measured) <= ACTIVATION_TOLERANCE * measured, (predicted, measured)

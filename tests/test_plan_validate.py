@@ -14,8 +14,9 @@ STEP_TIME_FACTOR = 3.0
 
 
 def test_predictions_match_measurement_on_cpu():
+    # 4 experts, so every expert receives tokens and gets gradients (see docs/planner.md).
     base = preset("tiny").replace(vocab_size=1024, num_hidden_layers=2, hidden_size=128, head_dim=32,
-                                  moe_intermediate_size=128, intermediate_size=256)
+                                  moe_intermediate_size=128, intermediate_size=256, num_experts=4)
     cases = [Case("anchor", base, 4, 64), Case("2x batch", base, 8, 64),
              Case("2x layers", base.replace(num_hidden_layers=4), 4, 64)]
     rows, mfu, peak = validate(cases, steps=3)
