@@ -52,8 +52,17 @@ def test_run_directory_gives_results_report_and_plots(run_dir, capsys):
     assert len(first["sha256"]) == 64 and first["seed"] == 0 and len(first["item_ids"]) == 6
     report = (out / "report.md").read_text()
     assert "## facts_mc (multiple_choice)" in report and "| `step-20` | 20 |" in report
-    for task in ("facts_mc", "corpus_ppl"):
-        assert (out / "plots" / f"eval_{task}.png").read_bytes()[:4] == b"\x89PNG"
+    for task in ("facts_mc", "corpus_ppl"):  # with the run's other plots
+        assert (run_dir / "plots" / f"eval_{task}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explicit_out_holds_everything(run_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main([str(run_dir / "checkpoints" / "step-5"), "--loader", LOADER, "--tasks", "facts_gen",
+                 "--limit", "3", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoints"][0]["scores"]["facts_gen"]["metric"] == "exact_match"
+    assert (out / "plots" / "eval_facts_gen.png").exists() and (out / "report.md").exists()
 
 
 def test_list_tasks(capsys):

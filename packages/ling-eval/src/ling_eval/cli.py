@@ -29,8 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="HF-layout checkpoint dirs, or run dirs (every RUN/checkpoints/step-N)")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="task .jsonl files or built-in names (default: all built-in)")
-    p.add_argument("--out", help="directory for results.json, report.md and plots/ (default: RUN/eval for a run "
-                                 "directory, else ./ling-eval-results)")
+    p.add_argument("--out", help="directory for results.json, report.md and plots/ (default: RUN/eval and "
+                                 "RUN/plots for a run directory, else ./ling-eval-results)")
     p.add_argument("--seed", type=int, default=0, help="few-shot draws and bootstrap resampling (default 0)")
     p.add_argument("--num-fewshot", type=int, dest="num_fewshot", help="override every task's few-shot count")
     p.add_argument("--limit", type=int, help="only the first N items of each task")
@@ -101,7 +101,9 @@ def run(args) -> dict:
     comparisons = ([compare_results(a, b, seed=args.seed) for a, b in zip(runs[0].results, runs[-1].results)]
                    if args.compare else [])
     out = Path(args.out) if args.out else _default_out(roots)
-    files = write_report(runs, out, comparisons)
+    # A run directory's plots live with its other plots (RUN/plots, the run-directory contract).
+    plots_dir = roots[0] / "plots" if not args.out and out == roots[0] / "eval" else None
+    files = write_report(runs, out, comparisons, plots_dir)
     result = summary(runs)
     if comparisons:
         result["comparisons"] = [c.summary() for c in comparisons]

@@ -120,11 +120,13 @@ def plot_scores(runs: list[CheckpointResults], directory: Path) -> list[Path]:
     return written
 
 
-def write_report(runs: list[CheckpointResults], out: Path, comparisons: list[Comparison] = ()) -> dict[str, Path]:
-    """out/results.json (everything, per-item scores included), out/report.md, out/plots/*.png."""
+def write_report(runs: list[CheckpointResults], out: Path, comparisons: list[Comparison] = (),
+                 plots_dir: Path | None = None) -> dict[str, Path]:
+    """out/results.json (everything, per-item scores included), out/report.md, and
+    eval_<task>.png plots in `plots_dir` (default out/plots)."""
     full = {"runs": [run.to_dict() for run in runs],
             "comparisons": [{**c.__dict__, "difference": c.difference.__dict__} for c in comparisons]}
     write_atomic(out / "results.json", (json.dumps(full, indent=1) + "\n").encode())
     write_atomic(out / "report.md", markdown_report(runs, comparisons).encode())
-    plots = plot_scores(runs, out / "plots")
+    plots = plot_scores(runs, plots_dir or out / "plots")
     return {"results": out / "results.json", "report": out / "report.md", **{p.stem: p for p in plots}}
