@@ -4,13 +4,15 @@ Paths, chosen per call by `ling_kernels.dispatch`:
 
 - `reference`: `F.silu(gate) * up` (autograd keeps gate, up and silu(gate) for the backward).
 - CPU and any device without Triton (`fast`; `auto` on CPU): `_SwiGLUFunction`, a
-  `torch.autograd.Function` that keeps only gate and up and recomputes the sigmoid in the
-  backward, so an expert's activation memory is two [tokens, ffn] tensors instead of three.
+  `torch.autograd.Function` that keeps only gate and up and recomputes silu(gate) in the
+  backward (aten's fused `silu_backward`), so an expert's activation memory is two
+  [tokens, ffn] tensors instead of three.
 - CUDA with Triton importable: one Triton kernel each for forward and backward
   (`ling_kernels.swiglu_triton`).
 
-Math is done in fp32 and the result cast to the inputs' dtype (as the reference's
-`F.silu` does internally for bf16 on CPU and CUDA).
+The output and gradients have the inputs' dtype; bf16 math follows the same aten kernels
+as the reference (fp32 inside silu, rounding between ops). The Triton kernels compute in fp32
+throughout and round once.
 """
 
 from __future__ import annotations
@@ -56,11 +58,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         gate, up = ctx.saved_tensors
-        gate32 = gate.float()
-        sigmoid = torch.sigmoid(gate32)
-        silu = gate32 * sigmoid
-        grad32 = grad_out.float()
-        grad_up = (grad32 * silu).to(up.dtype)
-        # d silu / d gate = sigmoid * (1 + gate * (1 - sigmoid))
-        grad_gate = grad32 * up * sigmoid.mul_(1.0 + gate32 * (1.0 - sigmoid))
-        return grad_gate.to(gate.dtype), grad_up
+        # aten's fused silu_backward: the same kernel autograd uses for F.silu.
+        grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate)
+        grad_up = F.silu(gate).mul_(grad_out)
+        return grad_gate, grad_up
