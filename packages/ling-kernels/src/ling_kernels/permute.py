@@ -19,7 +19,10 @@ Paths, chosen per call by `ling_kernels.dispatch`:
   and a sum over k: permute's backward is `grad.index_select(0, slot_of_assignment)`
   viewed [T, k, H] and summed over k, unpermute's forward the same with the weights, and unpermute's
   backward gathers rows back by `token_of_slot`. Gathers write each output row once, so they
-  parallelise without atomics; `auto` takes them everywhere (README measurements).
+  parallelise without atomics and are deterministic on CUDA, where `auto` takes them (speed
+  unmeasured: no GPU yet). On CPU `auto` keeps the reference: one thread's CPU time at the
+  benchmark block's shape was 1.41x (permute) and 1.06x (unpermute) the reference's
+  (`scripts/measure_ops.py --threads 1 --cpu-time`, README).
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def permute(
             f"x must be [tokens, H] and expert_indices [tokens, k] with the same tokens, got "
             f"{tuple(x.shape)} and {tuple(expert_indices.shape)}"
         )
-    if not use_fast_path("permute", available=True):
+    if not use_fast_path("permute", available=True, preferred=not x.is_cpu):
         return reference_permute(x, expert_indices, num_experts)
     permute_map = make_permute_map(expert_indices, num_experts)
     return _Permute.apply(x, permute_map.token_of_slot, permute_map.slot_of_assignment,
@@ -111,7 +114,7 @@ def unpermute(
             f"expert_out must be [{slots}, H] and expert_weights [tokens, k] with {slots} "
             f"entries, got {tuple(expert_out.shape)} and {tuple(expert_weights.shape)}"
         )
-    if not use_fast_path("unpermute", available=True):
+    if not use_fast_path("unpermute", available=True, preferred=not expert_out.is_cpu):
         return reference_unpermute(expert_out, permute_map, expert_weights)
     return _Unpermute.apply(
         expert_out, expert_weights.reshape(-1, max(permute_map.top_k, 1)),
