@@ -3,7 +3,9 @@
 Hidden 1024, 64 routed experts top-6 with FFN 704, 2 shared experts (one SwiGLU of FFN 1408),
 2048 tokens. Subjects and anchors, all measured in this run:
 
-- ours: `ling_core.moe.MoE`.
+- ours: `ling_core.moe.MoE`, which runs ling-kernels' ops (route, permute, grouped_mm,
+  swiglu, unpermute) with their default (`LING_KERNELS=auto`) paths; and the same block with
+  `LING_KERNELS=reference` (the plain-torch specification of each op), interleaved.
 - transformers' `Qwen2MoeSparseMoeBlock` (the same softmax top-k router with renormalised
   weights, SwiGLU experts stored as stacked `gate_up_proj` / `down_proj`, and a shared expert
   with an extra sigmoid gate), loaded with our weights so both route every token identically.
@@ -20,6 +22,8 @@ untrained model sees; the tokens-per-expert spread is recorded.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -175,4 +179,45 @@ def test_moe_block_transformers(benchmark, ours, inputs, matmul_rate, best_time,
         "speedup_ours_over_transformers": round(seconds / ours_time.seconds, 3),
         "threads": torch.get_num_threads(),
         **load_stats(routing.tokens_per_expert),
+    })
+
+
+def test_moe_block_kernel_paths(benchmark, ours, inputs, matmul_rate, best_time, best_seconds):
+    """Ours with ling-kernels' default paths (auto), anchored on the same block with every op
+    forced to its reference, one reference round before every auto round."""
+    x, grad_out = inputs
+    reference_time = best_time()
+
+    def with_mode(mode):
+        old = os.environ.get("LING_KERNELS")
+        os.environ["LING_KERNELS"] = mode
+        try:
+            forward_backward(ours, x, grad_out)
+        finally:
+            if old is None:
+                os.environ.pop("LING_KERNELS", None)
+            else:
+                os.environ["LING_KERNELS"] = old
+
+    def setup():
+        clear_grads(ours, x)
+        reference_time.time(lambda: with_mode("reference"))
+        clear_grads(ours, x)
+
+    matmul_rate.measure()
+    benchmark.pedantic(with_mode, args=("auto",), setup=setup, rounds=4, warmup_rounds=1)
+    rate = matmul_rate.measure()
+    seconds = best_seconds()
+    if seconds is None:
+        return
+    flops = block_flops()
+    benchmark.extra_info.update({
+        "flops": flops,
+        "fraction_of_matmul_rate": round(flops / seconds / rate, 3),
+        "matmul_gflops_per_s": round(rate / 1e9, 2),
+        "reference_seconds": round(reference_time.seconds, 4),
+        "reference_fraction_of_matmul_rate": round(flops / reference_time.seconds / rate, 3),
+        # > 1: the fast paths beat the plain-torch references.
+        "speedup_auto_over_reference": round(reference_time.seconds / seconds, 3),
+        "threads": torch.get_num_threads(),
     })

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ling_core import CheckpointError, LingForCausalLM, from_pretrained
-from ling_core.model import Attention, apply_rope, rope_cos_sin
+from ling_core.model import Attention, rope_cos_sin
 from ling_eval import CheckpointLoadError, EvalModel
+from ling_kernels import apply_rope
+from ling_kernels.rope import reference as apply_rope_per_row  # broadcasts [batch, 1, seq, dim] tables
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -34,11 +36,10 @@ def _attention(attn: Attention, x: torch.Tensor, layer_cache, past: int, positio
     v = v.view(batch, seq, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
     if positions is None:
         cos, sin = rope_cos_sin(past + seq, attn.head_dim, attn.rope_theta, x.device)
-        cos, sin = cos[past:], sin[past:]
+        q, k = apply_rope(q, k, cos[past:], sin[past:])
     else:
         cos, sin = rope_cos_sin(int(positions.max()) + 1, attn.head_dim, attn.rope_theta, x.device)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [batch, 1, seq, head_dim]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_per_row(q, k, cos[positions][:, None], sin[positions][:, None])
     if layer_cache is not None:
         k = torch.cat([layer_cache[0], k], dim=2)
         v = torch.cat([layer_cache[1], v], dim=2)

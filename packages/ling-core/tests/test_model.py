@@ -235,23 +235,60 @@ def test_invalid_config_is_rejected(bad, message):
         small_config(**bad)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_kernel_paths_give_the_same_loss_and_gradients(monkeypatch, autocast):
-    """LING_KERNELS=reference (full logits + F.cross_entropy) and fast (chunked fused CE) agree.
-    fp32: 1e-5 relative (same math, different summation order over chunks); bf16 autocast:
-    the matmuls round to 8 bits of mantissa, so 1e-2."""
+def _loss_and_grads(cfg, ids, labels, mode, autocast, monkeypatch):
+    monkeypatch.setenv("LING_KERNELS", mode)
+    model = build_model(cfg, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, labels)
+    out.loss.backward()
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_kernel_paths_give_the_same_loss_and_gradients_fp32(monkeypatch):
+    """LING_KERNELS=reference and fast run every ling-kernels op the model calls (rms_norm,
+    apply_rope, swiglu, route, permute, grouped_mm, unpermute, fused CE) down different code
+    paths; the loss, the auxiliaries, the routing and every parameter gradient must agree to
+    1e-5 relative to the tensor's largest entry: the same fp32 math in a different summation
+    order (chunked CE, gathers instead of scatter-adds), i.e. ~1e-7 apart."""
     cfg = small_config(vocab_size=300)
-    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    ids = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     labels = ids.roll(-1, dims=1)
     labels[:, -1] = -100
-    results = {}
-    for mode in ("reference", "fast"):
-        monkeypatch.setenv("LING_KERNELS", mode)
-        model = build_model(cfg, seed=3)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(ids, labels)
-        out.loss.backward()
-        results[mode] = (out.lm_loss.detach(), model.lm_head.weight.grad, model.model.norm.weight.grad)
-    tol = 1e-2 if autocast else 1e-5
-    for ref, fast in zip(results["reference"], results["fast"]):
-        torch.testing.assert_close(fast.float(), ref.float(), rtol=tol, atol=tol)
+    ref, ref_grads = _loss_and_grads(cfg, ids, labels, "reference", False, monkeypatch)
+    fast, fast_grads = _loss_and_grads(cfg, ids, labels, "fast", False, monkeypatch)
+    assert torch.equal(ref.tokens_per_expert, fast.tokens_per_expert)
+    for field in ("loss", "lm_loss", "balance_loss", "router_z_loss"):
+        torch.testing.assert_close(getattr(fast, field), getattr(ref, field), rtol=1e-5, atol=1e-5)
+    assert ref_grads.keys() == fast_grads.keys()
+    for name, ref_grad in ref_grads.items():
+        assert (ref_grad is None) == (fast_grads[name] is None), name
+        if ref_grad is not None:
+            scale = max(ref_grad.abs().max().item(), 1e-3)
+            torch.testing.assert_close(fast_grads[name], ref_grad, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_kernel_paths_under_bf16_autocast_are_as_accurate_as_the_reference(monkeypatch):
+    """Under bf16 autocast the two paths round in different places (the fast swiglu/rope
+    backward works in fp32 and rounds once; the reference rounds after each op), so they are
+    compared by accuracy instead: against the fp32 model, the fast path's loss is within 1e-2
+    (bf16 keeps 8 mantissa bits, ~0.4% per rounding) and its gradients' error is at most twice
+    the reference path's own bf16 error (plus 1e-3 of the tensor's scale), per parameter."""
+    cfg = small_config(vocab_size=300)
+    ids = torch.randint(0, cfg.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    exact, exact_grads = _loss_and_grads(cfg, ids, labels, "reference", False, monkeypatch)
+    ref, ref_grads = _loss_and_grads(cfg, ids, labels, "reference", True, monkeypatch)
+    fast, fast_grads = _loss_and_grads(cfg, ids, labels, "fast", True, monkeypatch)
+    for field in ("loss", "lm_loss", "balance_loss", "router_z_loss"):
+        torch.testing.assert_close(getattr(fast, field).float(), getattr(exact, field),
+                                   rtol=1e-2, atol=1e-2)
+    for name, exact_grad in exact_grads.items():
+        if exact_grad is None or ref_grads[name] is None:
+            assert fast_grads[name] is None or fast_grads[name].abs().max() == 0, name
+            continue
+        scale = exact_grad.abs().max().item()
+        ref_error = (ref_grads[name].float() - exact_grad).abs().max().item()
+        fast_error = (fast_grads[name].float() - exact_grad).abs().max().item()
+        assert fast_error <= 2 * ref_error + 1e-3 * scale, (name, fast_error, ref_error, scale)

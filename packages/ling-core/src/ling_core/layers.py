@@ -8,8 +8,9 @@ once in `init_weights()`, and skipping the per-module kaiming/normal draws makes
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ling_kernels import rms_norm, swiglu
 
 
 class Linear(nn.Linear):
@@ -29,9 +30,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as HF does) so bf16 activations keep their scale exactly.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        # ling-kernels normalises and scales in fp32 and returns x's dtype. HF rounds the
+        # normalised value to x's dtype before the scale: the two differ by one bf16 rounding.
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -44,4 +45,4 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ling_kernels import grouped_mm, permute, route, swiglu, unpermute
+
 from ling_core.config import LingConfig
 from ling_core.layers import SwiGLU
 
@@ -55,22 +57,21 @@ class Router(nn.Module):
             stats = logits.detach()
             noise = stats.mean() + stats.std() * torch.randn_like(stats)
             scores = alpha * logits + (1.0 - alpha) * noise
-        probs = scores.softmax(dim=-1)
-        top_weights, top_indices = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob and self.top_k > 1:
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        tokens_per_expert = torch.bincount(top_indices.reshape(-1), minlength=self.num_experts)
+        routed = route(scores, self.top_k, self.norm_topk_prob)
         # Switch-style balance loss: fraction of routed slots f_e times mean probability P_e.
-        slot_fraction = tokens_per_expert.to(probs.dtype) / top_indices.numel()
-        balance_loss = self.num_experts * (slot_fraction * probs.mean(dim=0)).sum()
+        slot_fraction = routed.tokens_per_expert.to(routed.probs.dtype) / routed.expert_indices.numel()
+        balance_loss = self.num_experts * (slot_fraction * routed.probs.mean(dim=0)).sum()
         router_z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        return Routing(top_indices, top_weights, tokens_per_expert, balance_loss, router_z_loss)
+        return Routing(routed.expert_indices, routed.expert_weights, routed.tokens_per_expert,
+                       balance_loss, router_z_loss)
 
 
 class MoE(nn.Module):
     """Routed experts plus always-on shared experts (intermediate = moe_intermediate_size x
-    num_shared_experts, as HF Ling). Tokens are sorted by expert so each expert runs one dense
-    matmul over a contiguous segment, then weighted and scattered back."""
+    num_shared_experts, as HF Ling). Token copies are sorted by expert (ling-kernels `permute`),
+    each projection is one grouped GEMM over the per-expert segments (`grouped_mm`, reading the
+    per-expert HF-named weights in place), and the outputs are weighted and summed back per
+    token (`unpermute`)."""
 
     def __init__(self, config: LingConfig):
         super().__init__()
@@ -91,14 +92,13 @@ class MoE(nn.Module):
         return out.reshape(shape), routing
 
     def routed_experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        k = routing.expert_indices.shape[-1]
-        slot_order = routing.expert_indices.reshape(-1).argsort(stable=True)
-        token_of_slot = slot_order // k
-        # index_select, not x[token_of_slot]: its backward is one index_add where advanced
-        # indexing's is a sort-based index_put (~40% faster gather fwd+bwd on CPU, benchmarks/).
-        segments = x.index_select(0, token_of_slot).split(routing.tokens_per_expert.tolist())
-        outputs = [expert(seg) for expert, seg in zip(self.experts, segments) if seg.shape[0] > 0]
-        expert_out = torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
-        slot_weights = routing.expert_weights.reshape(-1)[slot_order].unsqueeze(-1)
-        weighted = (expert_out.float() * slot_weights).to(x.dtype)
-        return torch.zeros_like(x).index_add(0, token_of_slot, weighted)
+        permuted, permute_map = permute(x, routing.expert_indices, len(self.experts))
+        counts = routing.tokens_per_expert.tolist()  # one host sync for the three GEMMs
+
+        def project(inputs: torch.Tensor, name: str) -> torch.Tensor:
+            layers = [getattr(expert, name) for expert in self.experts]
+            biases = [layer.bias for layer in layers] if layers[0].bias is not None else None
+            return grouped_mm(inputs, [layer.weight for layer in layers], counts, biases)
+
+        hidden = swiglu(project(permuted, "gate_proj"), project(permuted, "up_proj"))
+        return unpermute(project(hidden, "down_proj"), permute_map, routing.expert_weights)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ling_kernels.dispatch import use_fast_path
+from ling_kernels.triton_support import triton_importable
 
 __all__ = ["rms_norm", "reference"]
 
@@ -34,17 +35,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
             f"weight must have shape [H] = {tuple(x.shape[-1:])} to match x {tuple(x.shape)}, "
             f"got {tuple(weight.shape)}"
         )
-    triton_ok = x.is_cuda and _triton_importable()
+    triton_ok = x.is_cuda and triton_importable()
     if not use_fast_path("rms_norm", available=triton_ok):
         return reference(x, weight, eps)
     from ling_kernels.rms_norm_triton import triton_rms_norm
 
     return triton_rms_norm(x, weight, eps)
 
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
