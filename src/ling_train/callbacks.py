@@ -103,7 +103,8 @@ class Checkpointer(Callback):
             cb.on_checkpoint(trainer, step, path)
 
     def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
-        if self.every and step % self.every == 0:
+        # trainer.step != step: a callback before this one rolled the run back (anomaly handling)
+        if self.every and step % self.every == 0 and trainer.step == step:
             self._save(trainer, step)
 
     def on_train_end(self, trainer: Trainer) -> None:

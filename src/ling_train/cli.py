@@ -22,6 +22,7 @@ examples:
   ling-train --out runs/quick --resume        # continue runs/quick from its latest checkpoint
   ling-train --resume runs/quick/checkpoints/step-20 --out runs/branch
   ling-train --steps 200 --eval-every 50      # score the built-in eval tasks into metrics.jsonl
+  ling-train align --a cpu:fp32 --b cpu:bf16 --out align/   # per-module numerical alignment
 """
 
 
@@ -83,6 +84,10 @@ def build_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["align"]:  # `ling-train align ...`: numerical alignment of two settings
+        from ling_train.align_cli import main as align_main
+        return align_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
@@ -107,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ling-train: interrupted; resume from the latest checkpoint with --resume", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
+    aborted = summary.get("anomaly", {}).get("aborted")
+    if aborted:
+        print(f"ling-train: aborted by anomaly handling: {aborted}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,9 @@
 """The run config: defaults < `--config run.toml` < command-line flags, resolved into `RunConfig`.
 
 TOML layout: top-level keys are `RunConfig` fields; an optional `[model]` table overrides fields
-of the chosen preset (HF `config.json` key names). Unknown keys anywhere are errors, so a typo
-never silently trains the wrong model.
+of the chosen preset (HF `config.json` key names); an optional `[anomaly]` table turns on
+anomaly detection and responses (ling_train.anomaly.config). Unknown keys anywhere are errors,
+so a typo never silently trains the wrong model.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class RunConfig:
     eval_tasks: list[str] = field(default_factory=lambda: ["facts_mc", "corpus_ppl"])  # files or built-ins
     eval_limit: int = 0  # 0: every item; N: the first N items of each task
     model: dict[str, Any] = field(default_factory=dict)  # LingConfig overrides
+    anomaly: dict[str, Any] | None = None  # [anomaly] table (even empty: defaults); None = off
 
     def validate(self, source: str = "config") -> None:
         if self.size not in PRESETS:
@@ -64,6 +66,12 @@ class RunConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
         self.model_config(source)  # validates the [model] overrides
+        self.anomaly_config(source)
+
+    def anomaly_config(self, source: str = "config"):
+        """The `[anomaly]` table as an AnomalyConfig, or None when the table is absent."""
+        from ling_train.anomaly.config import anomaly_config
+        return anomaly_config(self.anomaly, source) if self.anomaly is not None else None
 
     def model_config(self, source: str = "config") -> LingConfig:
         fields = {f.name for f in dataclasses.fields(LingConfig)} - {"extra"}
@@ -81,6 +89,9 @@ class RunConfig:
         model = d.pop("model")
         if model:
             d["model"] = model
+        anomaly = d.pop("anomaly")
+        if anomaly is not None:
+            d["anomaly"] = anomaly
         return tomli_w.dumps(d)
 
 
@@ -110,9 +121,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         if key not in RUN_FIELDS:
             raise RunConfigError(f"{path}: unknown key {key!r}; expected one of {', '.join(RUN_FIELDS)}")
-        if key == "model":
+        if key in ("model", "anomaly"):
             if not isinstance(value, dict):
-                raise RunConfigError(f"{path}: model: expected a [model] table")
+                raise RunConfigError(f"{path}: {key}: expected a [{key}] table")
             out[key] = dict(value)
         else:
             out[key] = _check_type(str(path), key, value, getattr(defaults, key))

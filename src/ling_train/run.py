@@ -92,6 +92,17 @@ def check_out_dir(out: Path, resuming: bool) -> None:
                              f"another --out (nothing was overwritten)")
 
 
+def build_anomaly_monitor(config: RunConfig, loader: PackedLoader, metrics: MetricsLogger, out: Path):
+    """The `[anomaly]` table's monitor around a re-injecting loader, or None when it is absent."""
+    anomaly_config = config.anomaly_config()
+    if anomaly_config is None or not anomaly_config.enabled:
+        return None
+    from ling_core.moe import Router
+    from ling_train.anomaly import AnomalyLoader, AnomalyMonitor
+    wrapped = AnomalyLoader(loader, seed=config.seed, rows_per_batch=anomaly_config.reinject_rows_per_batch)
+    return AnomalyMonitor(anomaly_config, wrapped, metrics.write, Router, out / "anomaly_report.json")
+
+
 def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:
     """Run training as configured; returns a summary (also written to RUN/summary.json)."""
     out = Path(config.out)
@@ -129,10 +140,13 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         return ckpt.save_checkpoint(model, trainer.state_dict(), run_toml, out / "checkpoints", step, max_shard_bytes)
 
     timer = Timer()
-    trainer = Trainer(model, optimizer, scheduler, data.loader,
+    loader, anomaly = data.loader, build_anomaly_monitor(config, data.loader, metrics, out)
+    if anomaly is not None:
+        loader = anomaly.loader
+    trainer = Trainer(model, optimizer, scheduler, loader,
                       TrainerSettings(config.steps, config.grad_clip, autocast_dtype), device,
-                      [RoutingWarmupStep(), metrics, ProgressBar(disable=not progress),
-                       Checkpointer(save, config.checkpoint_every), timer])
+                      [RoutingWarmupStep(), metrics, *([anomaly] if anomaly else []),
+                       ProgressBar(disable=not progress), Checkpointer(save, config.checkpoint_every), timer])
     if eval_tasks is not None:
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
                                                  limit=config.eval_limit or None, seed=config.seed))
@@ -163,5 +177,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     }
     if evals:
         summary["eval"] = evals[-1]
+    if anomaly is not None:
+        summary["anomaly"] = anomaly.summary()
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

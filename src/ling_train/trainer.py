@@ -1,9 +1,10 @@
 """A small trainer: one loop, behaviour added through callbacks (OLMo-core's shape).
 
 The loop knows nothing of logging, checkpoints or progress bars; those are callbacks with hooks
-`on_train_start`, `pre_step`, `post_step`, `on_checkpoint`, `on_error`, `on_train_end`, so
-features (anomaly handling, in-training eval, Local SGD) plug in without threading flags
-through the loop.
+`on_train_start`, `pre_step`, `skip_update`, `post_step`, `on_checkpoint`, `on_error`,
+`on_train_end`, so features (anomaly handling, in-training eval, Local SGD) plug in without
+threading flags through the loop. A callback with `state_dict`/`load_state_dict` is saved and
+resumed with the trainer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class Callback:
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
     def pre_step(self, trainer: "Trainer", step: int) -> None: ...
+    def skip_update(self, trainer: "Trainer", step: int, metrics: dict[str, Any], output: Any) -> bool:
+        """Called after backward and gradient clipping, before the optimizer step, with this step's
+        metrics and the model output; return True to drop the update (weights, optimizer state and
+        LR schedule stay untouched, `step` does not advance and `post_step` is not called)."""
+        return False
     def post_step(self, trainer: "Trainer", step: int, metrics: dict[str, Any]) -> None: ...
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Any) -> None: ...
     def on_error(self, trainer: "Trainer", error: BaseException) -> None: ...
@@ -86,11 +92,9 @@ class Trainer:
         out.loss.backward()
         clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        metrics: dict[str, Any] = {"loss": out.loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        # The metric .item()s come before the update so a callback can veto it on their values.
+        metrics: dict[str, Any] = {"loss": out.loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
+                                   "grad_norm": grad_norm.item(),
                                    "tokens": input_ids.numel()}
         for name in ("lm_loss", "balance_loss", "router_z_loss"):
             value = getattr(out, name, None)
@@ -101,6 +105,12 @@ class Trainer:
             load = tokens_per_expert.float()
             metrics["max_expert_load"] = (load.max(dim=1).values / load.mean(dim=1)).max().item()
             metrics["dead_experts"] = int((tokens_per_expert == 0).sum().item())
+        if any([cb.skip_update(self, self.step + 1, metrics, out) for cb in self.callbacks]):
+            metrics["skipped"] = True
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["step_time_s"] = time.perf_counter() - start
@@ -114,6 +124,8 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.pre_step(self, self.step + 1)
                 metrics = self.train_step()
+                if metrics.get("skipped"):
+                    continue
                 self.step += 1
                 for cb in self.callbacks:
                     cb.post_step(self, self.step, metrics)
@@ -138,6 +150,8 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python": random.getstate(),
             },
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks
+                          if hasattr(cb, "state_dict")},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -149,3 +163,6 @@ class Trainer:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
+        for cb in self.callbacks:
+            if type(cb).__name__ in state.get("callbacks", {}):
+                cb.load_state_dict(state["callbacks"][type(cb).__name__])
