@@ -10,6 +10,7 @@ ranks compute, take part in collectives and hand their state to rank 0 at checkp
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -197,6 +198,16 @@ def wrap_optimizer(setup: DistSetup, config: RunConfig, model: nn.Module, optimi
                          min_total_steps=setup.world_size, units=units, **outer)
     setup.local_sgd = lsgd
     return LocalSGDOptimizer(lsgd, tokens_per_step=config.batch_size * config.seq_len)
+
+
+def parameters_sha256(model: nn.Module) -> str:
+    """A fingerprint of this rank's weights, stored per rank in checkpoints: ranks that should
+    agree (DDP always, Local SGD right after a sync) can be checked without saving every copy."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def gather_to_main(setup: DistSetup, state: Any) -> list[Any] | None:

@@ -159,6 +159,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
 
     def save(step: int) -> Path:
         state = {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size}
+        if setup.world_size > 1:
+            state["params_sha256"] = dist_run.parameters_sha256(model)
         if setup.local_sgd is not None and setup.rank:  # between syncs each rank's weights are its own
             state["local_model"] = model.state_dict()
         states = dist_run.gather_to_main(setup, state if setup.rank else None)
