@@ -66,6 +66,65 @@ class LocalSGDOptimizer:
         self.local_sgd.load_state_dict(state)
 
 
+class ExpertParallelClip:
+    """Optimizer front for expert parallel: clips by the *global* gradient norm, then steps.
+
+    torch's `clip_grad_norm_` cannot mix FSDP2's DTensor gradients with the experts' plain ones,
+    and on plain tensors it would see only this rank's experts, so ranks would clip their shared
+    weights by different factors and drift apart. Every rank's gradients are disjoint pieces of
+    the model within a shard group (FSDP2 shards, owned experts) and repeated across the
+    `replicate` groups, so the global squared norm is the world sum of local squares / replicate."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float, replicate: int):
+        self.optimizer, self.model, self.max_norm, self.replicate = optimizer, model, max_norm, replicate
+        self.last_grad_norm = 0.0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        squares = torch.zeros((), dtype=torch.float64, device=local[0].device if local else "cpu")
+        for g in local:
+            squares += g.detach().double().pow(2).sum()
+        dist.all_reduce(squares)
+        norm = (squares / self.replicate).sqrt().item()
+        self.last_grad_norm = norm
+        scale = self.max_norm / (norm + 1e-6) if self.max_norm > 0 else 1.0
+        if scale < 1.0:
+            torch._foreach_mul_(local, scale)
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class ClippedByOptimizer:
+    """What the Trainer calls under expert parallel: the module, minus the parameters the
+    Trainer would clip itself (`ExpertParallelClip` does it with the global norm)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def parameters(self):
+        return iter(())
+
+
 class SilentMetrics(MetricsLogger):
     """Ranks other than 0 compute the step metrics (the progress bar reads them) but write nothing."""
 
@@ -80,7 +139,9 @@ class DistributedLogging(Callback):
     its `rank`). A-EDiT: stops every rank together once all ranks' steps reach steps x ranks."""
 
     def __init__(self, rank: int, world_size: int, write: Callable[[dict], None], local_sgd: LocalSGD | None,
-                 straggler_interval: int, stop_at_global_steps: int | None = None):
+                 straggler_interval: int, stop_at_global_steps: int | None = None,
+                 clip: ExpertParallelClip | None = None):
+        self.clip = clip
         self.rank, self.world_size, self.write = rank, world_size, write
         self.local_sgd = local_sgd
         self.monitor = StragglerMonitor(interval=straggler_interval) if world_size > 1 and straggler_interval else None
@@ -93,6 +154,8 @@ class DistributedLogging(Callback):
 
     def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
         metrics.update(rank=self.rank, world_size=self.world_size)
+        if self.clip is not None:  # the Trainer saw no parameters; the optimizer front clipped
+            metrics["grad_norm"] = self.clip.last_grad_norm
         if self.local_sgd is not None:
             lsgd = self.local_sgd
             metrics["bytes_communicated"] = lsgd.bytes_communicated
@@ -130,6 +193,7 @@ class DistSetup:
     model: nn.Module | None = None  # what the Trainer calls (a DDP wrapper, or the model itself)
     local_sgd: LocalSGD | None = None
     expert_parallel: int = 0  # ranks per expert-parallel group (0: off)
+    clip: "ExpertParallelClip | None" = None
 
     @property
     def is_main(self) -> bool:
@@ -184,6 +248,11 @@ def wrap_model(setup: DistSetup, model: nn.Module) -> nn.Module:
 
 def wrap_optimizer(setup: DistSetup, config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
     """The optimizer-shaped object the Trainer steps: the optimizer itself, or a Local SGD front."""
+    if setup.expert_parallel:
+        setup.clip = ExpertParallelClip(optimizer, model, config.grad_clip,
+                                        replicate=setup.world_size // setup.expert_parallel)
+        setup.model = ClippedByOptimizer(setup.model)
+        return setup.clip
     if setup.mode not in LOCAL_SGD_MODES:
         return optimizer
     outer = {"outer_lr": config.outer_lr, "outer_momentum": config.outer_momentum}

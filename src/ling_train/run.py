@@ -149,6 +149,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     stepped = dist_run.wrap_optimizer(setup, config, model, optimizer)
+    trained = setup.model  # expert parallel: a front that leaves clipping to the optimizer front
 
     peak = measure_matmul_flops(device, autocast_dtype or torch.float32)
     fpt = flops_per_token(model_config, config.seq_len)
@@ -183,7 +184,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if setup.world_size > 1 or setup.local_sgd is not None:
         callbacks.insert(1, dist_run.DistributedLogging(
             setup.rank, setup.world_size, metrics.write, setup.local_sgd, straggler_interval=max(config.log_every, 10),
-            stop_at_global_steps=config.steps * setup.world_size if aedit else None))
+            stop_at_global_steps=config.steps * setup.world_size if aedit else None, clip=setup.clip))
     trainer = Trainer(trained, stepped, scheduler, data.loader,
                       TrainerSettings(total_steps, config.grad_clip, autocast_dtype), device, callbacks)
     if eval_tasks is not None:
