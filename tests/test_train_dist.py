@@ -108,6 +108,7 @@ def test_ddp_ranks_agree_and_diloco_h1_equals_ddp(tmp_path):
     (["--dist", "ddp", "--outer-lr", "0.5"], "--outer-lr: applies to --dist diloco, edit or aedit"),
     (["--dist", "diloco", "--expert-parallel", "2"], "needs --dist ddp or fsdp"),
     (["--nproc", "2"], "--nproc: several processes need --dist"),
+    (["--nproc", "2", "--dist", "fsdp", "--expert-parallel", "4"], "--expert-parallel 4: must divide --nproc 2"),
     (["--dist", "zero3"], "dist: unknown mode 'zero3'"),
 ])
 def test_invalid_combinations_exit_2_with_one_line(argv, message, tmp_path, capsys):

@@ -107,6 +107,8 @@ def build_config(args: argparse.Namespace):
             raise UsageError(f"--nproc: expected >= 1, got {args.nproc}")
         if args.nproc > 1 and config.dist == "none":
             raise UsageError("--nproc: several processes need --dist ddp, fsdp, diloco, edit or aedit")
+        if config.expert_parallel and args.nproc % config.expert_parallel:
+            raise UsageError(f"--expert-parallel {config.expert_parallel}: must divide --nproc {args.nproc}")
     if not config.out:
         config.out = default_out(config.size)
     return config, resume_from

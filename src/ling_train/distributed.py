@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ling_core.model import DecoderLayer
-from ling_dist import AEDiT, DiLoCo, EDiT, LocalSGD, StragglerMonitor, init_distributed
+from ling_dist import AEDiT, DiLoCo, apply_ddp, EDiT, LocalSGD, StragglerMonitor, init_distributed
 from ling_train.callbacks import MetricsLogger
 from ling_train.config import LOCAL_SGD_MODES, RunConfig, RunConfigError
 from ling_train.trainer import Callback, Trainer
@@ -233,14 +233,15 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
 
 def wrap_model(setup: DistSetup, model: nn.Module) -> nn.Module:
     """The module the Trainer calls: DDP / FSDP2 (+ expert parallel) applied from outside."""
-    if setup.mode in ("ddp", "fsdp") and setup.world_size > 1:
+    if setup.mode == "ddp" and setup.world_size > 1 and not setup.expert_parallel:
+        # A MoE step may leave an expert without tokens on one rank: DDP must not wait for its
+        # gradient (it then all-reduces zeros for it, so ranks stay identical).
+        setup.model = apply_ddp(model, find_unused_parameters=True)
+    elif setup.mode in ("ddp", "fsdp") and setup.world_size > 1:
         from ling_train.parallelize import parallelize
         replicate = setup.world_size // setup.expert_parallel if setup.expert_parallel else 1
         setup.model = parallelize(model, data_parallel=setup.mode, expert_parallel=bool(setup.expert_parallel),
                                   replicate=replicate)
-        if setup.mode == "ddp" and not setup.expert_parallel:
-            # A MoE step may leave some experts without tokens on one rank; DDP must not wait for them.
-            setup.model.find_unused_parameters = True
     else:
         setup.model = model
     return setup.model
