@@ -118,7 +118,6 @@ def test_invalid_combinations_exit_2_with_one_line(argv, message, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 def test_edit_resume_mid_interval_reproduces_the_uninterrupted_run(tmp_path):
     """EDiT, 2 ranks, sync every 2 steps; the step-3 checkpoint is mid-interval, so it must carry
     each rank's own weights, the anchor, the outer momentum and the penalty's EWMA."""
