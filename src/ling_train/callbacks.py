@@ -17,7 +17,8 @@ class RoutingWarmupStep(Callback):
     """Tells the model the step before each forward (Stochastic Routing Warmup reads it)."""
 
     def pre_step(self, trainer: Trainer, step: int) -> None:
-        set_step = getattr(trainer.model, "set_step", None)
+        model = getattr(trainer.model, "module", trainer.model)  # through a DDP wrapper
+        set_step = getattr(model, "set_step", None)
         if set_step is not None:
             set_step(step - 1)
 

@@ -24,13 +24,16 @@ LATEST = "latest"
 
 
 def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, checkpoints_dir: Path,
-                    step: int, max_shard_bytes: int) -> Path:
+                    step: int, max_shard_bytes: int, rank_states: dict[int, dict[str, Any]] | None = None) -> Path:
+    """`trainer_state` is rank 0's; `rank_states` the other ranks' (rank-R.pt next to state.pt)."""
     final = checkpoints_dir / f"step-{step}"
     with atomic_directory(final) as tmp:
         write_hf_files(model, model.config, tmp, max_shard_bytes)
         state_dir = tmp / TRAINER_STATE_DIR
         state_dir.mkdir()
         torch.save(trainer_state, state_dir / STATE_FILE)
+        for rank, state in (rank_states or {}).items():
+            torch.save(state, state_dir / rank_state_file(rank))
         (state_dir / RUN_CONFIG_FILE).write_text(run_config_toml)
         summary = {"step": step, "loader": trainer_state.get("loader")}
         (state_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -68,8 +71,12 @@ def read_run_config_toml(checkpoint: Path) -> str:
     return path.read_text()
 
 
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / TRAINER_STATE_DIR / STATE_FILE
+def rank_state_file(rank: int) -> str:
+    return STATE_FILE if rank == 0 else f"rank-{rank}.pt"
+
+
+def load_trainer_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
+    path = checkpoint / TRAINER_STATE_DIR / rank_state_file(rank)
     try:
         data = path.read_bytes()
     except FileNotFoundError:

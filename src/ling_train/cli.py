@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,10 @@ examples:
   ling-train --resume runs/quick/checkpoints/step-20 --out runs/branch
   ling-train --steps 200 --eval-every 50      # score the built-in eval tasks into metrics.jsonl
   ling-train align --a cpu:fp32 --b cpu:bf16 --out align/   # per-module numerical alignment
+  ling-train --nproc 2 --dist ddp             # 2 processes (torchrun; gloo on CPU), data parallel
+  ling-train --nproc 4 --dist edit --sync-every 8 --outer-lr 0.7 --outer-momentum 0.9
+  ling-train --nproc 2 --dist aedit --sync-seconds 2   # sync by wall time: slow ranks never wait
+  torchrun --nproc-per-node 2 -m ling_train.cli --dist diloco   # the same, launched by hand
 """
 
 
@@ -48,6 +54,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, FLOPs per token and memory without allocating the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("distributed (ling-dist)")
+    d.add_argument("--dist", help="none, ddp, fsdp, diloco, edit or aedit (default none); several processes "
+                                  "come from torchrun or --nproc")
+    d.add_argument("--nproc", type=int, metavar="N",
+                   help="relaunch this command under torchrun with N processes on this machine")
+    d.add_argument("--sync-every", type=int, dest="sync_every", metavar="H",
+                   help="diloco/edit: inner steps between syncs (default 8)")
+    d.add_argument("--sync-seconds", type=float, dest="sync_seconds", metavar="T",
+                   help="aedit: seconds of wall time between syncs (default 1)")
+    d.add_argument("--outer-lr", type=float, dest="outer_lr", help="Local SGD outer learning rate (default 0.7)")
+    d.add_argument("--outer-momentum", type=float, dest="outer_momentum",
+                   help="Local SGD outer Nesterov momentum (default 0.9; 0: plain SGD)")
+    d.add_argument("--expert-parallel", type=int, dest="expert_parallel", metavar="N",
+                   help="ddp/fsdp: split the experts over groups of N ranks (fsdp shards inside them)")
     return p
 
 
@@ -63,7 +83,8 @@ def build_config(args: argparse.Namespace):
     import tomllib
 
     flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed",
-                                           "batch_size", "seq_len", "lr", "eval_every")}
+                                           "batch_size", "seq_len", "lr", "eval_every", "dist", "sync_every",
+                                           "sync_seconds", "outer_lr", "outer_momentum", "expert_parallel")}
     base: dict = {}
     resume_from = None
     if args.resume is not None:
@@ -78,6 +99,17 @@ def build_config(args: argparse.Namespace):
             flags["out"] = str(resume_from.parent.parent)
     toml_values = load_toml(args.config) if args.config else {}
     config = resolve({**base, **toml_values}, flags, source=args.config or "flags")
+    from ling_train.config import LOCAL_SGD_MODES
+    for flag in ("outer_lr", "outer_momentum"):
+        if flags[flag] is not None and config.dist not in LOCAL_SGD_MODES:
+            raise UsageError(f"--{flag.replace('_', '-')}: applies to --dist diloco, edit or aedit, not {config.dist}")
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise UsageError(f"--nproc: expected >= 1, got {args.nproc}")
+        if args.nproc > 1 and config.dist == "none":
+            raise UsageError("--nproc: several processes need --dist ddp, fsdp, diloco, edit or aedit")
+        if config.expert_parallel and args.nproc % config.expert_parallel:
+            raise UsageError(f"--expert-parallel {config.expert_parallel}: must divide --nproc {args.nproc}")
     if not config.out:
         config.out = default_out(config.size)
     return config, resume_from
@@ -99,24 +131,47 @@ def main(argv: list[str] | None = None) -> int:
     bad_input = (UsageError, RunConfigError, ConfigError, CheckpointError, DataError, EvalError)
     try:
         config, resume_from = build_config(args)
+        if args.nproc is not None and not args.dry_run and "RANK" not in os.environ:
+            return relaunch(argv if argv is not None else sys.argv[1:], args.nproc)
         if args.dry_run:
             from ling_train.dry_run import dry_run_report
             print(dry_run_report(config.size, config.model_config(), config.seq_len, config.batch_size))
             return 0
         from ling_train.run import train
-        summary = train(config, resume_from, progress=not args.no_progress)
+        try:
+            summary = train(config, resume_from, progress=not args.no_progress)
+        finally:
+            from ling_train.distributed import shutdown
+            shutdown()
     except bad_input as e:
         print(f"ling-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ling-train: interrupted; resume from the latest checkpoint with --resume", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2))
-    aborted = summary.get("anomaly", {}).get("aborted")
+    if summary:  # rank 0 only
+        print(json.dumps(summary, indent=2))
+    aborted = (summary or {}).get("anomaly", {}).get("aborted")
     if aborted:
         print(f"ling-train: aborted by anomaly handling: {aborted}", file=sys.stderr)
         return 1
     return 0
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """`--nproc N`: run the same command as N local processes under torch.distributed.run."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ling_train.cli", *rest]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, env=env).returncode
 
 
 if __name__ == "__main__":

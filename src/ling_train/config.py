@@ -19,6 +19,9 @@ import tomli_w
 from ling_core import PRESETS, LingConfig, preset
 
 
+LOCAL_SGD_MODES = ("diloco", "edit", "aedit")
+
+
 class RunConfigError(ValueError):
     """Bad run configuration (a flag, a TOML file or one of its keys)."""
 
@@ -47,6 +50,14 @@ class RunConfig:
     eval_every: int = 0  # 0: no in-training eval; N: score eval_tasks every N steps (metrics.jsonl)
     eval_tasks: list[str] = field(default_factory=lambda: ["facts_mc", "corpus_ppl"])  # files or built-ins
     eval_limit: int = 0  # 0: every item; N: the first N items of each task
+    optimizer: str = "adamw"  # adamw, or sgd (plain SGD, e.g. to compare Local SGD with data parallel exactly)
+    # Distributed training (ling-dist): see ling_train/distributed.py and the README.
+    dist: str = "none"  # none, ddp, fsdp, diloco, edit, aedit
+    sync_every: int = 0  # diloco/edit: inner steps between syncs (0: 8)
+    sync_seconds: float = 0.0  # aedit: seconds of wall time between syncs (0: 1.0)
+    outer_lr: float = 0.7  # Local SGD outer SGD learning rate
+    outer_momentum: float = 0.9  # Local SGD outer Nesterov momentum (0: plain SGD)
+    expert_parallel: int = 0  # ddp/fsdp: split experts over groups of this many ranks (0: off)
     model: dict[str, Any] = field(default_factory=dict)  # LingConfig overrides
     anomaly: dict[str, Any] | None = None  # [anomaly] table (even empty: defaults); None = off
 
@@ -65,6 +76,7 @@ class RunConfig:
             raise RunConfigError(f"{source}: eval_tasks: expected a list of task files or built-in names")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
+        validate_dist(self, source)
         self.model_config(source)  # validates the [model] overrides
         self.anomaly_config(source)
 
@@ -93,6 +105,27 @@ class RunConfig:
         if anomaly is not None:
             d["anomaly"] = anomaly
         return tomli_w.dumps(d)
+
+
+def validate_dist(config: "RunConfig", source: str) -> None:
+    """Combinations of the `--dist` family that make no sense, as RunConfigError (exit 2)."""
+    modes = ("none", "ddp", "fsdp", *LOCAL_SGD_MODES)
+    if config.dist not in modes:
+        raise RunConfigError(f"{source}: dist: unknown mode {config.dist!r}; expected one of {', '.join(modes)}")
+    if config.sync_every < 0 or config.sync_seconds < 0 or config.expert_parallel < 0:
+        raise RunConfigError(f"{source}: sync_every, sync_seconds and expert_parallel must be >= 0")
+    if config.sync_every and config.dist not in ("diloco", "edit"):
+        raise RunConfigError(f"{source}: sync_every (--sync-every) applies to --dist diloco or edit, "
+                             f"not {config.dist}")
+    if config.sync_seconds and config.dist != "aedit":
+        raise RunConfigError(f"{source}: sync_seconds (--sync-seconds) applies to --dist aedit, not {config.dist}")
+    if config.expert_parallel and config.dist not in ("ddp", "fsdp"):
+        raise RunConfigError(f"{source}: expert_parallel (--expert-parallel) needs --dist ddp or fsdp, "
+                             f"not {config.dist}")
+    if not 0 <= config.outer_momentum < 1 or config.outer_lr <= 0:
+        raise RunConfigError(f"{source}: outer_lr must be > 0 and outer_momentum in [0, 1)")
+    if config.optimizer not in ("adamw", "sgd"):
+        raise RunConfigError(f"{source}: optimizer: expected adamw or sgd, got {config.optimizer!r}")
 
 
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -19,6 +19,7 @@ from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
 from ling_train.eval_callback import EvalCallback, load_eval_tasks
 from ling_train.config import RunConfig, RunConfigError
+from ling_train import distributed as dist_run
 from ling_train.perf import measure_matmul_flops
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
 
@@ -61,13 +62,14 @@ class Data:
     documents: int
 
 
-def build_data(config: RunConfig, vocab_size: int) -> Data:
+def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: int = 1) -> Data:
     if config.data and is_shard_dir(config.data):  # written by `ling-data tokenize`
         manifest = load_manifest(config.data)
         if manifest["vocab_size"] > vocab_size:
             raise DataError(f"--data {config.data}: its tokenizer has {manifest['vocab_size']} tokens but the "
                             f"model's vocab_size is {vocab_size}; set [model] vocab_size >= {manifest['vocab_size']}")
-        loader = TokenLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+        loader = TokenLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+                             rank=rank, world_size=world_size)
         tokenizer_path = Path(config.data) / manifest.get("tokenizer", "tokenizer.model")
         return Data(loader, tokenizer_path if tokenizer_path.is_file() else None, loader.tokens, loader.documents)
     if config.data and not Path(config.data).exists():
@@ -82,7 +84,8 @@ def build_data(config: RunConfig, vocab_size: int) -> Data:
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     stream = pack_documents(tokenizer.encode_batch(documents), tokenizer.eos_id)
-    loader = PackedLoader(stream, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed)
+    loader = PackedLoader(stream, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+                          rank=rank, world_size=world_size)
     return Data(loader, tokenizer.model_path, int(stream.numel()), len(documents))
 
 
@@ -103,61 +106,117 @@ def build_anomaly_monitor(config: RunConfig, loader: PackedLoader, metrics: Metr
     return AnomalyMonitor(anomaly_config, wrapped, metrics.write, Router, out / "anomaly_report.json")
 
 
+def load_resume_state(setup: dist_run.DistSetup, config: RunConfig, resume_from: Path) -> dict:
+    """This rank's trainer state; the checkpoint must come from the same --dist mode and world size."""
+    if not setup.checkpoint_supported or config.dist == "aedit":
+        raise RunConfigError(f"--resume: not supported with --dist {config.dist}"
+                             f"{' and --expert-parallel' if setup.expert_parallel else ''} yet (no checkpoint "
+                             f"is written then); ddp, diloco, edit and none resume")
+    main_state = ckpt.load_trainer_state(resume_from)
+    saved = (main_state.get("dist", "none"), main_state.get("world_size", 1))
+    if saved != (config.dist, setup.world_size):
+        raise RunConfigError(f"--resume {resume_from}: written by --dist {saved[0]} on {saved[1]} process(es); "
+                             f"resuming needs the same, got --dist {config.dist} on {setup.world_size}")
+    return main_state if setup.rank == 0 else ckpt.load_trainer_state(resume_from, setup.rank)
+
+
 def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:
-    """Run training as configured; returns a summary (also written to RUN/summary.json)."""
+    """Run training as configured; returns a summary (also written to RUN/summary.json by rank 0;
+    other ranks return an empty dict)."""
     out = Path(config.out)
     device = resolve_device(config.device)
+    setup = dist_run.init_process_group(config, device)
+    device = setup.device
     autocast_dtype = resolve_autocast(config.precision, device)
     model_config = config.model_config()
 
     # Everything that can fail on bad input happens before the run directory is touched.
     check_out_dir(out, resuming=resume_from is not None)
-    trainer_state = ckpt.load_trainer_state(resume_from) if resume_from else None
+    dist_run.barrier()  # every rank checked before rank 0 writes anything
+    trainer_state = load_resume_state(setup, config, resume_from) if resume_from else None
     eval_tasks = load_eval_tasks(config.eval_tasks) if config.eval_every else None
     torch.manual_seed(config.seed)
-    data = build_data(config, model_config.vocab_size)
+    if setup.rank:
+        dist_run.barrier()  # rank 0 trains and caches the tokenizer first
+    data = build_data(config, model_config.vocab_size, setup.rank, setup.world_size)
+    if setup.rank == 0:
+        dist_run.barrier()
     model = build_model(model_config, device=device, seed=config.seed)
     if resume_from is not None:
         load_weights(model, resume_from)
-    out.mkdir(parents=True, exist_ok=True)
+    trained = dist_run.wrap_model(setup, model)
+    if setup.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                                      fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    stepped = dist_run.wrap_optimizer(setup, config, model, optimizer)
+    trained = setup.model  # expert parallel: a front that leaves clipping to the optimizer front
 
     peak = measure_matmul_flops(device, autocast_dtype or torch.float32)
     fpt = flops_per_token(model_config, config.seq_len)
-    metrics = MetricsLogger(out / "metrics.jsonl", fpt, peak, config.log_every)
+    metrics = (MetricsLogger if setup.is_main else dist_run.SilentMetrics)(out / "metrics.jsonl", fpt, peak,
+                                                                             config.log_every)
     run_toml = config.to_toml()
     max_shard_bytes = int(config.max_shard_gb * 1024**3)
 
     def save(step: int) -> Path:
-        return ckpt.save_checkpoint(model, trainer.state_dict(), run_toml, out / "checkpoints", step, max_shard_bytes)
+        state = {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size}
+        if setup.world_size > 1:
+            state["params_sha256"] = dist_run.parameters_sha256(model)
+        if setup.local_sgd is not None and setup.rank:  # between syncs each rank's weights are its own
+            state["local_model"] = model.state_dict()
+        states = dist_run.gather_to_main(setup, state if setup.rank else None)
+        path = out / "checkpoints" / f"step-{step}"
+        if setup.is_main:
+            path = ckpt.save_checkpoint(model, state, run_toml, out / "checkpoints", step, max_shard_bytes,
+                                        rank_states=dict(enumerate(states[1:], start=1)))
+        dist_run.barrier()
+        return path
 
     timer = Timer()
-    loader, anomaly = data.loader, build_anomaly_monitor(config, data.loader, metrics, out)
-    if anomaly is not None:
-        loader = anomaly.loader
-    trainer = Trainer(model, optimizer, scheduler, loader,
-                      TrainerSettings(config.steps, config.grad_clip, autocast_dtype), device,
-                      [RoutingWarmupStep(), metrics, *([anomaly] if anomaly else []),
-                       ProgressBar(disable=not progress), Checkpointer(save, config.checkpoint_every), timer])
+    # A-EDiT ranks take unequal numbers of steps: they stop together once all ranks' steps, as
+    # agreed at a sync point, reach steps x ranks (the per-rank cap is only a backstop).
+    aedit = setup.local_sgd is not None and config.dist == "aedit"
+    total_steps = config.steps * setup.world_size * 100 if aedit else config.steps
+    anomaly = build_anomaly_monitor(config, data.loader, metrics, out)  # one process only (distributed.py)
+    callbacks = [RoutingWarmupStep(), metrics, *([anomaly] if anomaly else []),
+                 ProgressBar(disable=not progress or not setup.is_main)]
+    if setup.checkpoint_supported:  # periodic checkpoints are collectives: not under A-EDiT's unequal steps
+        callbacks.append(Checkpointer(save, 0 if aedit else config.checkpoint_every))
+    callbacks.append(timer)
+    if setup.world_size > 1 or setup.local_sgd is not None:
+        callbacks.insert(1, dist_run.DistributedLogging(
+            setup.rank, setup.world_size, metrics.write, setup.local_sgd, straggler_interval=max(config.log_every, 10),
+            stop_at_global_steps=config.steps * setup.world_size if aedit else None, clip=setup.clip))
+    trainer = Trainer(trained, stepped, scheduler, anomaly.loader if anomaly else data.loader,
+                      TrainerSettings(total_steps, config.grad_clip, autocast_dtype), device, callbacks)
     if eval_tasks is not None:
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
                                                  limit=config.eval_limit or None, seed=config.seed))
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
+        if "local_model" in trainer_state:
+            model.load_state_dict(trainer_state["local_model"])
 
+    if not setup.is_main:
+        trainer.fit()
+        return {}
     write_text_atomic(out / "config.toml", run_toml)
     if data.tokenizer_path is not None:
         shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")
-    log.info("model %s on %s (%s), %d tokens in %d documents, peak matmul %.1f GFLOP/s",
-             config.size, device, autocast_dtype or "fp32", data.tokens, data.documents, peak / 1e9)
+    log.info("model %s on %s (%s), %d tokens in %d documents, peak matmul %.1f GFLOP/s, --dist %s on %d "
+             "process(es)", config.size, device, autocast_dtype or "fp32", data.tokens, data.documents, peak / 1e9,
+             config.dist, setup.world_size)
     start_step = trainer.step
     if start_step:
         metrics.write({"event": "resume", "step": start_step, "from": str(resume_from)})
@@ -173,8 +232,11 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         "tokens_per_s": sum(r["tokens"] for r in steps) / max(sum(r["step_time_s"] for r in steps), 1e-9),
         "mfu": sum(r["mfu"] for r in steps) / max(len(steps), 1),
         "peak_matmul_flops": peak, "wall_time_s": timer.elapsed(),
-        "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")),
+        "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")) if setup.checkpoint_supported else None,
+        "dist": config.dist, "world_size": setup.world_size,
     }
+    if setup.local_sgd is not None:
+        summary.update(syncs=setup.local_sgd.syncs, bytes_communicated=setup.local_sgd.bytes_communicated)
     if evals:
         summary["eval"] = evals[-1]
     if anomaly is not None:

@@ -1,0 +1,297 @@
+"""`ling-train --dist ...`: the one place the trainer meets ling-dist.
+
+`setup_distributed` joins the process group torchrun describes (or none, in one process), wraps
+the built model (DDP, FSDP2, expert parallel) or the optimizer (the Local SGD family), and returns
+the pieces `run.train` hands to the unchanged `Trainer`: the module to call, an optimizer-shaped
+object (`LocalSGDOptimizer` routes `step()` through DiLoCo / EDiT / A-EDiT), and callbacks that log
+sync statistics, bytes communicated and stragglers. Rank 0 writes the run directory; the other
+ranks compute, take part in collectives and hand their state to rank 0 at checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ling_core.model import DecoderLayer
+from ling_dist import AEDiT, DiLoCo, apply_ddp, EDiT, LocalSGD, StragglerMonitor, init_distributed
+from ling_train.callbacks import MetricsLogger
+from ling_train.config import LOCAL_SGD_MODES, RunConfig, RunConfigError
+from ling_train.trainer import Callback, Trainer
+
+log = logging.getLogger("ling_train")
+
+DEFAULT_SYNC_EVERY = 8
+DEFAULT_SYNC_SECONDS = 1.0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class LocalSGDOptimizer:
+    """Optimizer-shaped front of a Local SGD wrapper, so the Trainer's `optimizer.step()` runs the
+    inner step and, at sync points, the outer one; `state_dict()` carries the inner and outer
+    optimizers and the anchor. The LR scheduler drives the inner optimizer directly."""
+
+    def __init__(self, local_sgd: LocalSGD, tokens_per_step: int):
+        self.local_sgd = local_sgd
+        self.tokens_per_step = tokens_per_step
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.local_sgd.inner_optimizer.param_groups
+
+    def step(self) -> None:
+        self.local_sgd.step(tokens=self.tokens_per_step)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.local_sgd.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.local_sgd.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local_sgd.load_state_dict(state)
+
+
+class ExpertParallelClip:
+    """Optimizer front for expert parallel: clips by the *global* gradient norm, then steps.
+
+    torch's `clip_grad_norm_` cannot mix FSDP2's DTensor gradients with the experts' plain ones,
+    and on plain tensors it would see only this rank's experts, so ranks would clip their shared
+    weights by different factors and drift apart. Every rank's gradients are disjoint pieces of
+    the model within a shard group (FSDP2 shards, owned experts) and repeated across the
+    `replicate` groups, so the global squared norm is the world sum of local squares / replicate."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float, replicate: int):
+        self.optimizer, self.model, self.max_norm, self.replicate = optimizer, model, max_norm, replicate
+        self.last_grad_norm = 0.0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        squares = torch.zeros((), dtype=torch.float64, device=local[0].device if local else "cpu")
+        for g in local:
+            squares += g.detach().double().pow(2).sum()
+        dist.all_reduce(squares)
+        norm = (squares / self.replicate).sqrt().item()
+        self.last_grad_norm = norm
+        scale = self.max_norm / (norm + 1e-6) if self.max_norm > 0 else 1.0
+        if scale < 1.0:
+            torch._foreach_mul_(local, scale)
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class ClippedByOptimizer:
+    """What the Trainer calls under expert parallel: the module, minus the parameters the
+    Trainer would clip itself (`ExpertParallelClip` does it with the global norm)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def parameters(self):
+        return iter(())
+
+
+class SilentMetrics(MetricsLogger):
+    """Ranks other than 0 compute the step metrics (the progress bar reads them) but write nothing."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+
+class DistributedLogging(Callback):
+    """Adds `world_size`, `bytes_communicated` and, after each sync point, the sync statistics
+    to the step rows (rank 0's rows carry `rank: 0`); every `straggler_interval` steps gathers
+    the ranks' step times and writes one row per rank (`event: straggler` or `step_time`, with
+    its `rank`). A-EDiT: stops every rank together once all ranks' steps reach steps x ranks."""
+
+    def __init__(self, rank: int, world_size: int, write: Callable[[dict], None], local_sgd: LocalSGD | None,
+                 straggler_interval: int, stop_at_global_steps: int | None = None,
+                 clip: ExpertParallelClip | None = None):
+        self.clip = clip
+        self.rank, self.world_size, self.write = rank, world_size, write
+        self.local_sgd = local_sgd
+        self.monitor = StragglerMonitor(interval=straggler_interval) if world_size > 1 and straggler_interval else None
+        self.stop_at_global_steps = stop_at_global_steps
+        self.seen_sync_points = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.local_sgd is not None:
+            self.seen_sync_points = self.local_sgd.sync_points
+
+    def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
+        metrics.update(rank=self.rank, world_size=self.world_size)
+        if self.clip is not None:  # the Trainer saw no parameters; the optimizer front clipped
+            metrics["grad_norm"] = self.clip.last_grad_norm
+        if self.local_sgd is not None:
+            lsgd = self.local_sgd
+            metrics["bytes_communicated"] = lsgd.bytes_communicated
+            if lsgd.sync_points != self.seen_sync_points and lsgd.last_sync is not None:
+                self.seen_sync_points = lsgd.sync_points
+                self.write({"event": "sync", "step": step, **_plain(asdict(lsgd.last_sync)),
+                            "global_inner_steps": lsgd.global_inner_steps,
+                            "bytes_communicated": lsgd.bytes_communicated})
+            if self.stop_at_global_steps is not None and lsgd.global_inner_steps >= self.stop_at_global_steps:
+                trainer.should_stop = True  # agreed at a sync point, so every rank stops after the same one
+        if self.monitor is not None and self.stop_at_global_steps is None:  # A-EDiT ranks step unequally
+            for record in self.monitor.record(metrics["step_time_s"]):
+                self.write(record.as_metrics())
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy (tensors and tuples to lists, non-finite floats kept as strings)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    return value
+
+
+@dataclass
+class DistSetup:
+    mode: str
+    rank: int
+    world_size: int
+    device: torch.device
+    model: nn.Module | None = None  # what the Trainer calls (a DDP wrapper, or the model itself)
+    local_sgd: LocalSGD | None = None
+    expert_parallel: int = 0  # ranks per expert-parallel group (0: off)
+    clip: "ExpertParallelClip | None" = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint_supported(self) -> bool:
+        """Checkpoints need every tensor whole on rank 0: not under FSDP2 shards or split experts."""
+        return self.mode != "fsdp" and not self.expert_parallel
+
+
+def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
+    """Join torchrun's group (gloo on CPU, nccl on CUDA); a plain process stays alone."""
+    if config.dist == "none":
+        return DistSetup("none", 0, 1, device)
+    backend = "gloo" if device.type == "cpu" else None
+    rank, world_size, dist_device = init_distributed(backend=backend)
+    if device.type == "cuda":
+        device = dist_device
+    if config.expert_parallel:
+        if world_size % config.expert_parallel:
+            raise RunConfigError(f"--expert-parallel {config.expert_parallel}: must divide the number of "
+                                 f"processes ({world_size})")
+        if config.dist == "ddp" and config.expert_parallel != world_size:
+            raise RunConfigError(f"--expert-parallel {config.expert_parallel} with --dist ddp: must equal the "
+                                 f"number of processes ({world_size}); use --dist fsdp for groups")
+        experts = config.model_config().num_experts
+        if experts % config.expert_parallel:
+            raise RunConfigError(f"--expert-parallel {config.expert_parallel}: must divide num_experts ({experts})")
+    if config.eval_every and world_size > 1:
+        raise RunConfigError("--eval-every: in-training eval is not wired for several processes yet; "
+                             "evaluate the checkpoints with ling-eval")
+    if config.anomaly is not None and world_size > 1:
+        raise RunConfigError("[anomaly]: anomaly handling is not wired for several processes yet (a skipped "
+                             "update on one rank would desynchronise the collectives); run it with one process")
+    setup = DistSetup(config.dist, rank, world_size, device)
+    setup.expert_parallel = config.expert_parallel if world_size > 1 else 0
+    return setup
+
+
+def wrap_model(setup: DistSetup, model: nn.Module) -> nn.Module:
+    """The module the Trainer calls: DDP / FSDP2 (+ expert parallel) applied from outside."""
+    if setup.mode == "ddp" and setup.world_size > 1 and not setup.expert_parallel:
+        # A MoE step may leave an expert without tokens on one rank: DDP must not wait for its
+        # gradient (it then all-reduces zeros for it, so ranks stay identical).
+        setup.model = apply_ddp(model, find_unused_parameters=True)
+    elif setup.mode in ("ddp", "fsdp") and setup.world_size > 1:
+        from ling_train.parallelize import parallelize
+        replicate = setup.world_size // setup.expert_parallel if setup.expert_parallel else 1
+        setup.model = parallelize(model, data_parallel=setup.mode, expert_parallel=bool(setup.expert_parallel),
+                                  replicate=replicate)
+    else:
+        setup.model = model
+    return setup.model
+
+
+def wrap_optimizer(setup: DistSetup, config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
+    """The optimizer-shaped object the Trainer steps: the optimizer itself, or a Local SGD front."""
+    if setup.expert_parallel:
+        setup.clip = ExpertParallelClip(optimizer, model, config.grad_clip,
+                                        replicate=setup.world_size // setup.expert_parallel)
+        setup.model = ClippedByOptimizer(setup.model)
+        return setup.clip
+    if setup.mode not in LOCAL_SGD_MODES:
+        return optimizer
+    outer = {"outer_lr": config.outer_lr, "outer_momentum": config.outer_momentum}
+    if setup.mode == "diloco":
+        lsgd = DiLoCo(model, optimizer, sync_every=config.sync_every or DEFAULT_SYNC_EVERY, **outer)
+    else:
+        units = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+        if setup.mode == "edit":
+            lsgd = EDiT(model, optimizer, sync_every=config.sync_every or DEFAULT_SYNC_EVERY, units=units, **outer)
+        else:
+            lsgd = AEDiT(model, optimizer, sync_seconds=config.sync_seconds or DEFAULT_SYNC_SECONDS,
+                         min_total_steps=setup.world_size, units=units, **outer)
+    setup.local_sgd = lsgd
+    return LocalSGDOptimizer(lsgd, tokens_per_step=config.batch_size * config.seq_len)
+
+
+def parameters_sha256(model: nn.Module) -> str:
+    """A fingerprint of this rank's weights, stored per rank in checkpoints: ranks that should
+    agree (DDP always, Local SGD right after a sync) can be checked without saving every copy."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_to_main(setup: DistSetup, state: Any) -> list[Any] | None:
+    """Every rank's `state` on rank 0 (None elsewhere); just `[state]` in one process."""
+    if not is_distributed():
+        return [state]
+    gathered = [None] * setup.world_size if setup.is_main else None
+    dist.gather_object(state, gathered, dst=0)
+    return gathered
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()  # explicitly: gloo aborts if left to interpreter exit
