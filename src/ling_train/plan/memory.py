@@ -105,20 +105,21 @@ def activation_bytes_per_token(config: LingConfig, precision: Precision) -> dict
     RMSNorm: its input, rstd (fp32) and normed output, and the scaled output feeding the next
     matmul (3h + 1); attention: the fused qkv output (q + 2kv; v is a view of it), the roped q
     and k (q + kv), SDPA's output and logsumexp (q + heads, fp32; the output is laid out
-    [batch, seq, heads, dim], so `dense` sees a view of it, not a copy); SwiGLU: gate, up, silu and product (4 x intermediate). The MoE router runs in
-    fp32 and saves logits, probs, the top-k indices and renormalisation terms; the routed path
-    saves the gathered inputs, the experts' outputs and the weighted outputs (3 x k x h) plus
-    int64 slot indices."""
+    [batch, seq, heads, dim], so `dense` sees a view of it, not a copy); SwiGLU (ling_kernels.swiglu):
+    gate and up, plus the product the down projection keeps (3 x intermediate). The MoE router
+    runs in fp32 and saves logits, probs, the top-k indices and renormalisation terms; the routed
+    path (ling_kernels permute / grouped_mm / unpermute) saves the gathered inputs and the
+    experts' outputs (2 x k x h) plus int64 slot indices."""
     a, f32, i64 = precision.compute_bytes, 4, 8
     h, q = config.hidden_size, config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     k, experts = config.num_experts_per_tok, config.num_experts
     norm = a * 3 * h + f32
     attention = norm + a * ((q + 2 * kv) + (q + kv) + q) + f32 * config.num_attention_heads
-    dense_mlp = norm + a * 4 * config.intermediate_size
+    dense_mlp = norm + a * 3 * config.intermediate_size
     router = f32 * (2 * experts + 1 + 2 + 2 * k) + i64 * 3 * k
-    shared = a * 4 * config.moe_intermediate_size * config.num_shared_experts
-    routed = a * (3 * k * h + 4 * k * config.moe_intermediate_size)
+    shared = a * 3 * config.moe_intermediate_size * config.num_shared_experts
+    routed = a * (2 * k * h + 3 * k * config.moe_intermediate_size)
     moe_mlp = norm + router + routed + shared
     # Final norm (its output goes to the loss, which saves its gradient instead: same size) and
     # the embedding's int64 ids.
