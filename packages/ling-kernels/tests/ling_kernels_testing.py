@@ -50,3 +50,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     rtol = RTOL[dtype]
     scale = expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1.0))
+
+
+def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`fn(*inputs)`'s outputs and the gradients of the inputs that require them, for comparing
+    a fast path with its reference on the same upstream gradients."""
+    for tensor in inputs:
+        tensor.grad = None
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, grads_out)
+    return [o.detach() for o in outputs] + [t.grad for t in inputs if t.requires_grad]

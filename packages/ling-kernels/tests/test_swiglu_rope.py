@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, kernel_mode
+from ling_kernels_testing import assert_close, forward_backward, kernel_mode
 from ling_kernels import apply_rope, swiglu
 from ling_kernels.rope import reference as rope_reference
 from ling_kernels.swiglu import reference as swiglu_reference
@@ -21,14 +21,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 def _randn(shape, dtype, generator, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
-
-def _run(fn, inputs, grads_out):
-    for tensor in inputs:
-        tensor.grad = None
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    torch.autograd.backward(outputs, grads_out)
-    return [o.detach() for o in outputs] + [t.grad for t in inputs if t.requires_grad]
 
 
 @settings(max_examples=60, deadline=None)
@@ -44,8 +36,8 @@ def test_swiglu_fast_matches_reference(shape, dtype, seed):
     up = _randn(shape, dtype, generator, 2.0).requires_grad_()
     grad = _randn(shape, dtype, generator)
     with kernel_mode("fast"):
-        fast = _run(swiglu, [gate, up], [grad])
-    expected = _run(swiglu_reference, [gate, up], [grad])
+        fast = forward_backward(swiglu, [gate, up], [grad])
+    expected = forward_backward(swiglu_reference, [gate, up], [grad])
     for got, want in zip(fast, expected):
         assert got.dtype == want.dtype
         assert_close(got, want, dtype)
@@ -83,8 +75,8 @@ def test_rope_fast_matches_reference(batch, kv_heads, group, seq, half_dim, dtyp
     fn = lambda q, k: apply_rope(q, k, cos, sin)  # noqa: E731
     ref = lambda q, k: rope_reference(q, k, cos, sin)  # noqa: E731
     with kernel_mode("fast"):
-        fast = _run(fn, [q, k], grads)
-    expected = _run(ref, [q, k], grads)
+        fast = forward_backward(fn, [q, k], grads)
+    expected = forward_backward(ref, [q, k], grads)
     for got, want in zip(fast, expected):
         assert got.dtype == want.dtype == dtype
         assert_close(got, want, dtype)

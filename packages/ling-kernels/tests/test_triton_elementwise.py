@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, kernel_mode
+from ling_kernels_testing import assert_close, forward_backward, kernel_mode
 from ling_kernels import apply_rope, swiglu
 from ling_kernels.rope import reference as rope_reference
 from ling_kernels.swiglu import reference as swiglu_reference
@@ -32,14 +32,6 @@ def test_triton_kernels_under_interpreter_on_cpu():
     assert "checked" in result.stdout
 
 
-def _run(fn, inputs, grads_out):
-    for tensor in inputs:
-        tensor.grad = None
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    torch.autograd.backward(outputs, grads_out)
-    return [o.detach() for o in outputs] + [t.grad for t in inputs]
-
 
 @pytest.mark.gpu
 @settings(max_examples=30, deadline=None)
@@ -51,8 +43,8 @@ def test_triton_swiglu_on_cuda_matches_reference(rows, cols, dtype, seed):
     up = torch.randn(rows, cols, generator=generator).to("cuda", dtype).requires_grad_()
     grad = torch.randn(rows, cols, generator=generator).to("cuda", dtype)
     with kernel_mode("fast"):
-        fast = _run(swiglu, [gate, up], [grad])
-    for got, want in zip(fast, _run(swiglu_reference, [gate, up], [grad])):
+        fast = forward_backward(swiglu, [gate, up], [grad])
+    for got, want in zip(fast, forward_backward(swiglu_reference, [gate, up], [grad])):
         assert_close(got, want, dtype)
 
 
@@ -74,7 +66,7 @@ def test_triton_rope_on_cuda_matches_reference(batch, kv_heads, group, seq, half
     cos, sin = angles.cos(), angles.sin()
     grads = [torch.randn(q.shape, device="cuda").to(dtype), torch.randn(k.shape, device="cuda").to(dtype)]
     with kernel_mode("fast"):
-        fast = _run(lambda q, k: apply_rope(q, k, cos, sin), [q, k], grads)
-    expected = _run(lambda q, k: rope_reference(q, k, cos, sin), [q, k], grads)
+        fast = forward_backward(lambda q, k: apply_rope(q, k, cos, sin), [q, k], grads)
+    expected = forward_backward(lambda q, k: rope_reference(q, k, cos, sin), [q, k], grads)
     for got, want in zip(fast, expected):
         assert_close(got, want, dtype)

@@ -20,18 +20,10 @@ from ling_kernels.rope import reference as rope_reference  # noqa: E402
 from ling_kernels.rope_triton import triton_apply_rope  # noqa: E402
 from ling_kernels.swiglu import reference as swiglu_reference  # noqa: E402
 from ling_kernels.swiglu_triton import triton_swiglu  # noqa: E402
-from ling_kernels_testing import assert_close  # noqa: E402
+from ling_kernels_testing import assert_close, forward_backward  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 
-
-def _run(fn, inputs, grads_out):
-    for tensor in inputs:
-        tensor.grad = None
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    torch.autograd.backward(outputs, grads_out)
-    return [o.detach() for o in outputs] + [t.grad for t in inputs]
 
 
 def _compare(fast, expected, dtype):
@@ -51,8 +43,8 @@ def check_swiglu(shape, dtype, seed):
     gate = (torch.randn(shape, generator=generator) * 4).to(dtype).requires_grad_()
     up = torch.randn(shape, generator=generator).to(dtype).requires_grad_()
     grad = torch.randn(shape, generator=generator).to(dtype)
-    _compare(_run(triton_swiglu, [gate, up], [grad]),
-             _run(swiglu_reference, [gate, up], [grad]), dtype)
+    _compare(forward_backward(triton_swiglu, [gate, up], [grad]),
+             forward_backward(swiglu_reference, [gate, up], [grad]), dtype)
 
 
 def _tables(seq, head_dim):
@@ -84,8 +76,8 @@ def check_rope(batch, kv_heads, group, seq, half, transposed, dtype, seed):
     cos, sin = _tables(seq, head_dim)
     grads = [torch.randn(q.shape, generator=generator).to(dtype),
              torch.randn(k.shape, generator=generator).to(dtype)]
-    _compare(_run(lambda q, k: triton_apply_rope(q, k, cos, sin), [q, k], grads),
-             _run(lambda q, k: rope_reference(q, k, cos, sin), [q, k], grads), dtype)
+    _compare(forward_backward(lambda q, k: triton_apply_rope(q, k, cos, sin), [q, k], grads),
+             forward_backward(lambda q, k: rope_reference(q, k, cos, sin), [q, k], grads), dtype)
 
 
 if __name__ == "__main__":
