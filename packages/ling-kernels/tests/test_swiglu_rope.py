@@ -22,7 +22,6 @@ def _randn(shape, dtype, generator, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
 
-
 @settings(max_examples=60, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),

@@ -32,7 +32,6 @@ def test_triton_kernels_under_interpreter_on_cpu():
     assert "checked" in result.stdout
 
 
-
 @pytest.mark.gpu
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 3000), cols=st.integers(1, 700), dtype=st.sampled_from(DTYPES),

@@ -25,7 +25,6 @@ from ling_kernels_testing import assert_close, forward_backward  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-
 def _compare(fast, expected, dtype):
     for got, want in zip(fast, expected):
         assert got.dtype == want.dtype == dtype, (got.dtype, want.dtype)
