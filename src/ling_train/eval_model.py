@@ -28,12 +28,8 @@ Cache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 def _attention(attn: Attention, x: torch.Tensor, layer_cache, past: int, positions, mask):
     """positions: None (0.. in order) or [batch, seq] RoPE positions; mask: None (causal) or
     [batch, 1, seq, past + seq] bool, True = may attend."""
-    batch, seq, _ = x.shape
-    q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-    q, k, v = attn.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(batch, seq, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = k.view(batch, seq, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    v = v.view(batch, seq, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+    seq = x.shape[1]
+    q, k, v = attn.heads(x)
     if positions is None:
         cos, sin = rope_cos_sin(past + seq, attn.head_dim, attn.rope_theta, x.device)
         q, k = apply_rope(q, k, cos[past:], sin[past:])
@@ -51,7 +47,7 @@ def _attention(attn: Attention, x: torch.Tensor, layer_cache, past: int, positio
             slots = torch.arange(past + seq, device=x.device)
             mask = slots[None, :] <= slots[past:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return attn.dense(out.transpose(1, 2).reshape(batch, seq, q_size)), (k, v)
+    return attn.merge_heads(out), (k, v)
 
 
 def _positions_and_mask(attention_mask: torch.Tensor, past: int, seq: int):

@@ -45,18 +45,29 @@ class Attention(nn.Module):
         self.query_key_value = Linear(config.hidden_size, qkv_out, bias=config.use_qkv_bias)
         self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [batch, heads, seq, dim], k and v [batch, kv_heads, seq, dim], before RoPE (the
+        KV-cache forward used for evaluation shares this projection)."""
         batch, seq, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(seq, self.head_dim, self.rope_theta, x.device)
+        return q, k, v
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """SDPA's [batch, heads, seq, dim] output through the output projection."""
+        batch, _, seq, _ = out.shape
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads(x)
+        cos, sin = rope_cos_sin(x.shape[1], self.head_dim, self.rope_theta, x.device)
         q, k = apply_rope(q, k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq, q_size))
+        return self.merge_heads(out)
 
 
 class DecoderLayer(nn.Module):
