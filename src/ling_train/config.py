@@ -131,12 +131,14 @@ def validate_dist(config: "RunConfig", source: str) -> None:
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def _check_type(source: str, key: str, value: Any, default: Any) -> Any:
+def check_field_type(source: str, key: str, value: Any, default: Any,
+                     error: type[RunConfigError] = RunConfigError) -> Any:
+    """`value` if it has the type of `default` (an int is accepted for a float), else `error`."""
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise RunConfigError(f"{source}: {key}: expected {expected.__name__}, got {value!r}")
+        raise error(f"{source}: {key}: expected {expected.__name__}, got {value!r}")
     return value
 
 
@@ -159,7 +161,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
                 raise RunConfigError(f"{path}: {key}: expected a [{key}] table")
             out[key] = dict(value)
         else:
-            out[key] = _check_type(str(path), key, value, getattr(defaults, key))
+            out[key] = check_field_type(str(path), key, value, getattr(defaults, key))
     return out
 
 

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ling_train.config import RunConfigError
+from ling_train.config import RunConfigError, check_field_type
 
 RESPONSES = ("log", "skip", "skip_reinject", "lower_lr", "rollback", "abort")
 
@@ -94,12 +94,8 @@ def anomaly_config(table: dict[str, Any], source: str = "config") -> AnomalyConf
         if key not in FIELDS:
             raise AnomalyConfigError(f"{source}: [anomaly]: unknown key {key!r}; expected one of "
                                      f"{', '.join(FIELDS)}")
-        expected = type(getattr(defaults, key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise AnomalyConfigError(f"{source}: [anomaly] {key}: expected {expected.__name__}, got {value!r}")
-        values[key] = value
+        values[key] = check_field_type(source, f"[anomaly] {key}", value, getattr(defaults, key),
+                                       AnomalyConfigError)
     config = AnomalyConfig(**values)
     config.validate(source)
     return config
