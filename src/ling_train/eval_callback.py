@@ -66,7 +66,7 @@ class EvalCallback(Callback):
 
         was_training = trainer.model.training
         try:
-            with trainer._autocast():
+            with trainer.autocast():
                 results = evaluate(ling_eval_model(trainer.model), self.tokenizer, self.tasks, seed=self.seed,
                                    batch_size=self.batch_size, limit=self.limit, keep_predictions=False)
         finally:

@@ -75,7 +75,8 @@ class Trainer:
         self.step = 0  # number of completed optimizer steps
         self.should_stop = False  # a callback may set this to end training after the current step
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the training step (a no-op in full precision); evaluation reuses it."""
         dtype = self.settings.autocast_dtype
         if dtype is None:
             return contextlib.nullcontext()
@@ -87,7 +88,7 @@ class Trainer:
         input_ids, labels = self.loader.next_batch()
         input_ids = input_ids.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             out = self.model(input_ids, labels)
         out.loss.backward()
         clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
