@@ -23,7 +23,7 @@ from ling_core.model import DecoderLayer
 from ling_dist import AEDiT, DiLoCo, apply_ddp, EDiT, LocalSGD, StragglerMonitor, init_distributed
 from ling_train.callbacks import MetricsLogger
 from ling_train.config import LOCAL_SGD_MODES, RunConfig, RunConfigError
-from ling_train.trainer import Callback, Trainer
+from ling_train.trainer import Callback, Trainer, clip_local_grad_norm
 
 log = logging.getLogger("ling_train")
 
@@ -66,8 +66,8 @@ class LocalSGDOptimizer:
         self.local_sgd.load_state_dict(state)
 
 
-class ExpertParallelClip:
-    """Optimizer front for expert parallel: clips by the *global* gradient norm, then steps.
+def global_grad_norm_clipper(replicate: int) -> Callable[[nn.Module, float], torch.Tensor]:
+    """Gradient clipping for expert parallel, by the *global* norm (the Trainer's `clip_gradients`).
 
     torch's `clip_grad_norm_` cannot mix FSDP2's DTensor gradients with the experts' plain ones,
     and on plain tensors it would see only this rank's experts, so ranks would clip their shared
@@ -75,54 +75,20 @@ class ExpertParallelClip:
     the model within a shard group (FSDP2 shards, owned experts) and repeated across the
     `replicate` groups, so the global squared norm is the world sum of local squares / replicate."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, max_norm: float, replicate: int):
-        self.optimizer, self.model, self.max_norm, self.replicate = optimizer, model, max_norm, replicate
-        self.last_grad_norm = 0.0
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    def step(self) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+    def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         squares = torch.zeros((), dtype=torch.float64, device=local[0].device if local else "cpu")
         for g in local:
             squares += g.detach().double().pow(2).sum()
         dist.all_reduce(squares)
-        norm = (squares / self.replicate).sqrt().item()
-        self.last_grad_norm = norm
-        scale = self.max_norm / (norm + 1e-6) if self.max_norm > 0 else 1.0
+        norm = (squares / replicate).sqrt()
+        scale = max_norm / (norm.item() + 1e-6)
         if scale < 1.0:
             torch._foreach_mul_(local, scale)
-        self.optimizer.step()
+        return norm
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-
-class ClippedByOptimizer:
-    """What the Trainer calls under expert parallel: the module, minus the parameters the
-    Trainer would clip itself (`ExpertParallelClip` does it with the global norm)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-        return self
-
-    def parameters(self):
-        return iter(())
+    return clip
 
 
 class SilentMetrics(MetricsLogger):
@@ -139,9 +105,7 @@ class DistributedLogging(Callback):
     its `rank`). A-EDiT: stops every rank together once all ranks' steps reach steps x ranks."""
 
     def __init__(self, rank: int, world_size: int, write: Callable[[dict], None], local_sgd: LocalSGD | None,
-                 straggler_interval: int, stop_at_global_steps: int | None = None,
-                 clip: ExpertParallelClip | None = None):
-        self.clip = clip
+                 straggler_interval: int, stop_at_global_steps: int | None = None):
         self.rank, self.world_size, self.write = rank, world_size, write
         self.local_sgd = local_sgd
         self.monitor = StragglerMonitor(interval=straggler_interval) if world_size > 1 and straggler_interval else None
@@ -154,8 +118,6 @@ class DistributedLogging(Callback):
 
     def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
         metrics.update(rank=self.rank, world_size=self.world_size)
-        if self.clip is not None:  # the Trainer saw no parameters; the optimizer front clipped
-            metrics["grad_norm"] = self.clip.last_grad_norm
         if self.local_sgd is not None:
             lsgd = self.local_sgd
             metrics["bytes_communicated"] = lsgd.bytes_communicated
@@ -193,7 +155,7 @@ class DistSetup:
     model: nn.Module | None = None  # what the Trainer calls (a DDP wrapper, or the model itself)
     local_sgd: LocalSGD | None = None
     expert_parallel: int = 0  # ranks per expert-parallel group (0: off)
-    clip: "ExpertParallelClip | None" = None
+    clip_gradients: Callable[[nn.Module, float], torch.Tensor] = clip_local_grad_norm
 
     @property
     def is_main(self) -> bool:
@@ -253,10 +215,8 @@ def wrap_model(setup: DistSetup, model: nn.Module) -> nn.Module:
 def wrap_optimizer(setup: DistSetup, config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
     """The optimizer-shaped object the Trainer steps: the optimizer itself, or a Local SGD front."""
     if setup.expert_parallel:
-        setup.clip = ExpertParallelClip(optimizer, model, config.grad_clip,
-                                        replicate=setup.world_size // setup.expert_parallel)
-        setup.model = ClippedByOptimizer(setup.model)
-        return setup.clip
+        setup.clip_gradients = global_grad_norm_clipper(replicate=setup.world_size // setup.expert_parallel)
+        return optimizer
     if setup.mode not in LOCAL_SGD_MODES:
         return optimizer
     outer = {"outer_lr": config.outer_lr, "outer_momentum": config.outer_momentum}

@@ -160,7 +160,6 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     stepped = dist_run.wrap_optimizer(setup, config, model, optimizer)
-    trained = setup.model  # expert parallel: a front that leaves clipping to the optimizer front
 
     peak = measure_matmul_flops(device, autocast_dtype or torch.float32)
     fpt = flops_per_token(model_config, config.seq_len)
@@ -197,9 +196,9 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if setup.world_size > 1 or setup.local_sgd is not None:
         callbacks.insert(1, dist_run.DistributedLogging(
             setup.rank, setup.world_size, metrics.write, setup.local_sgd, straggler_interval=max(config.log_every, 10),
-            stop_at_global_steps=config.steps * setup.world_size if aedit else None, clip=setup.clip))
+            stop_at_global_steps=config.steps * setup.world_size if aedit else None))
     trainer = Trainer(trained, stepped, scheduler, anomaly.loader if anomaly else data.loader,
-                      TrainerSettings(total_steps, config.grad_clip, autocast_dtype), device, callbacks)
+                      TrainerSettings(total_steps, config.grad_clip, autocast_dtype, setup.clip_gradients), device, callbacks)
     if eval_tasks is not None:
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
                                                  limit=config.eval_limit or None, seed=config.seed))

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -51,11 +51,18 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
+def clip_local_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """torch's clipping over the module's own gradients; returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 @dataclass
 class TrainerSettings:
     total_steps: int
     grad_clip: float = 1.0
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None = full precision
+    # (model, max_norm) -> norm before clipping; expert parallel swaps in a global-norm version
+    clip_gradients: Callable[[torch.nn.Module, float], torch.Tensor] = clip_local_grad_norm
 
 
 class Trainer:
@@ -92,7 +99,7 @@ class Trainer:
             out = self.model(input_ids, labels)
         out.loss.backward()
         clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = self.settings.clip_gradients(self.model, clip)
         # The metric .item()s come before the update so a callback can veto it on their values.
         metrics: dict[str, Any] = {"loss": out.loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
                                    "grad_norm": grad_norm.item(),
