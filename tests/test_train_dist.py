@@ -118,6 +118,50 @@ def test_invalid_combinations_exit_2_with_one_line(argv, message, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+def assert_one_line_exit_2(process: subprocess.Popen, message: str) -> None:
+    """Exit 2 and, after the ranks' progress lines, exactly one line: the error, printed once."""
+    _, stderr = process.communicate(timeout=600)
+    errors = [line for line in stderr.splitlines() if not line.startswith(("rank ", "Bytecode compiled"))]
+    assert process.returncode == 2, stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("ling-train: error: ") and message in errors[0], stderr
+
+
+def test_bad_input_found_by_the_ranks_exits_2_with_one_line(tmp_path):
+    """What only the ranks detect, after torchrun started them: exit 2 and the rank's one line,
+    not torchrun's exit 1 and failure dump. An internal error in a rank still exits 1 with its
+    traceback."""
+    three_experts = write_config(tmp_path, extra="checkpoint_every = 0\n").read_text().replace(
+        "num_experts = 4", "num_experts = 3")
+    (tmp_path / "three.toml").write_text(three_experts)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{not json")  # a corrupted shard directory
+    expert_parallel = launch("--config", str(tmp_path / "three.toml"), "--steps", "2", "--out", str(tmp_path / "ep"),
+                             "--dist", "fsdp", "--expert-parallel", "2")
+    data = launch("--config", str(write_config(tmp_path)), "--steps", "2", "--out", str(tmp_path / "data"),
+                  "--dist", "ddp", "--data", str(tmp_path / "shards"))
+    crash = subprocess.Popen([sys.executable, "-m", "ling_train.launch", "--standalone", "--nproc-per-node=2",
+                              str(Path(__file__).with_name("crashing_rank.py")), "--dist", "ddp", "--no-progress",
+                              "--out", str(tmp_path / "crash")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_one_line_exit_2(expert_parallel, "--expert-parallel 2: must divide num_experts (3)")
+    assert_one_line_exit_2(data, f"{tmp_path / 'shards' / 'manifest.json'}: not valid JSON")
+    _, stderr = crash.communicate(timeout=600)
+    assert crash.returncode == 1, stderr[-3000:]
+    assert "[rank1]: Traceback" in stderr and "RuntimeError: injected internal error on rank 1" in stderr, stderr
+    assert "ChildFailedError" in stderr  # torchrun's report of which ranks failed
+
+
+@pytest.mark.slow
+def test_resuming_a_checkpoint_of_another_layout_exits_2_with_one_line(tmp_path):
+    """The ranks read the checkpoint's trainer state and find it written by one process."""
+    config = write_config(tmp_path, extra="checkpoint_every = 1\n")
+    assert main(["--config", str(config), "--steps", "1", "--out", str(tmp_path / "single"), "--no-progress"]) == 0
+    step1 = tmp_path / "single" / "checkpoints" / "step-1"
+    mismatched = launch("--resume", str(step1), "--steps", "2", "--out", str(tmp_path / "mismatched"), "--dist", "ddp")
+    assert_one_line_exit_2(mismatched, f"--resume {step1}: written by --dist none on 1 process(es)")
+
+
 def test_edit_resume_mid_interval_reproduces_the_uninterrupted_run(tmp_path):
     """EDiT, 2 ranks, sync every 2 steps; the step-3 checkpoint is mid-interval, so it must carry
     each rank's own weights, the anchor, the outer momentum and the penalty's EWMA."""

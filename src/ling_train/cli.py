@@ -1,7 +1,8 @@
 """`ling-train`: train a Ling MoE model. Progress on stderr, results on stdout.
 
 Exit codes: 0 success, 2 bad input (one line naming the flag/file and what was expected),
-1 internal error (with a traceback).
+1 internal error (with a traceback). Under `--nproc N` the same holds for what a rank finds
+after start-up (see `ling_train.launch`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 EXAMPLES = """\
@@ -144,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
             from ling_train.distributed import shutdown
             shutdown()
     except bad_input as e:
-        print(f"ling-train: error: {e}", file=sys.stderr)
+        report_bad_input(f"ling-train: error: {e}")
         return 2
     except KeyboardInterrupt:
         print("ling-train: interrupted; resume from the latest checkpoint with --resume", file=sys.stderr)
         return 130
+    except Exception:
+        # In a rank under `--nproc` the launcher shows this traceback only if no rank failed on bad
+        # input (else it is a consequence, e.g. a collective whose peer exited 2).
+        from ling_train.launch import write_rank_report
+
+        if not write_rank_report("traceback", traceback.format_exc()):
+            raise
+        return 1
     if summary:  # rank 0 only
         print(json.dumps(summary, indent=2))
     aborted = (summary or {}).get("anomaly", {}).get("aborted")
@@ -158,8 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report_bad_input(line: str) -> None:
+    """Print the one-line error, or, in a rank started by `--nproc` (`ling_train.launch`), leave it
+    for the launcher, which prints it once for all ranks and exits 2."""
+    from ling_train.launch import write_rank_report
+
+    if not write_rank_report("txt", line + "\n"):
+        print(line, file=sys.stderr)
+
+
 def relaunch(argv: list[str], nproc: int) -> int:
-    """`--nproc N`: run the same command as N local processes under torch.distributed.run."""
+    """`--nproc N`: run the same command as N local processes under torch.distributed.run
+    (through `ling_train.launch`, which keeps a rank's bad-input exit as exit 2)."""
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -168,7 +188,7 @@ def relaunch(argv: list[str], nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    command = [sys.executable, "-m", "ling_train.launch", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "ling_train.cli", *rest]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, env=env).returncode
