@@ -272,11 +272,11 @@ def _flash_snapshot_of_fsdp(rank: int, out_dir: str) -> None:
         return [_full(p.detach()).clone() for p in model.parameters()]
 
     train_step(0)
-    checkpointer = FlashCheckpointer(Path(out_dir) / "flash-fsdp", keep_last=1)
+    checkpointer = FlashCheckpointer(Path(out_dir) / "flash-fsdp", keep_last=1, optimizers=[optimizer])  # overlapped
     model_state, optimizer_state = get_state_dict(model, optimizer)
     checkpointer.save(1, {"model": model_state, "optimizer": optimizer_state})
+    train_step(1)  # the copy runs during its forward/backward; its optimizer.step() waits for it
     checkpointer.close()
-    train_step(1)
     continued = full_params()
     train_step(2)  # drift further, then go back to the snapshot
     like_model, like_optimizer = get_state_dict(model, optimizer)

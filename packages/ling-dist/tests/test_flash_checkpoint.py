@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_dist.flash_checkpoint import CheckpointError, FlashCheckpointer, latest_complete, list_snapshots
+from ling_dist.flash_checkpoint import (CheckpointError, FlashCheckpointer, copy_on_this_thread, latest_complete,
+                                       list_snapshots)
 
 Position = namedtuple("Position", "epoch index")
 
@@ -145,12 +146,81 @@ def test_save_then_restore_is_the_identity(tmp_path_factory, state) -> None:
     assert_same(FlashCheckpointer(directory).restore()[1], state)
 
 
+def mlp_training(width: int = 256):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, optimizer
+
+
+def clone_state(state):
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: clone_state(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(value) for value in state)
+    return state
+
+
+def test_overlapped_is_the_default_with_optimizers_and_only_then(tmp_path) -> None:
+    model, optimizer = mlp_training(8)
+    assert FlashCheckpointer(tmp_path / "a", optimizers=[optimizer]).overlap
+    assert not FlashCheckpointer(tmp_path / "b").overlap
+
+
+def test_optimizer_step_right_after_save_does_not_reach_the_snapshot(tmp_path) -> None:
+    """The default with `optimizers`: save() returns before the copy is done, and the optimizer
+    step that follows at once (no forward/backward to hide the copy behind) overwrites the
+    parameters and AdamW moments in place. Its pre-step hook must hold it until the copy is
+    done: the snapshot holds the values at save(), for every tensor. Without the fence the
+    step races the copy and (the copy of ~2 MB taking far longer than reaching the step) the
+    check at the commit discards the snapshot with an error, which fails this test."""
+    model, optimizer = mlp_training()
+    checkpointer = FlashCheckpointer(tmp_path, optimizers=[optimizer], keep_last=1)
+    model(torch.randn(16, 256)).square().mean().backward()
+    optimizer.step()  # the moments exist
+    for step in range(3):
+        model(torch.randn(16, 256)).square().mean().backward()  # gradients for the next step
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        before = clone_state(state)
+        checkpointer.save(step, state)
+        optimizer.step()  # mutates every parameter and moment in place, straight after save()
+        with torch.no_grad():
+            model[0].weight.mul_(0.0)  # an in-place update after the fence: must not reach the file either
+        checkpointer.wait()
+        restored = FlashCheckpointer(tmp_path).restore()[1]
+        assert_same(restored["model"], before["model"])
+        assert_same(restored["optimizer"], before["optimizer"])
+        assert not torch.equal(model[2].weight, before["model"]["2.weight"])  # the step did run
+    checkpointer.close()
+
+
+def test_an_unfenced_in_place_update_discards_the_snapshot(tmp_path) -> None:
+    """Overlapped without the optimizer passed in: a mutation between save() and
+    wait_for_snapshot() is found by the version check and the snapshot is not committed."""
+    model, optimizer = mlp_training()
+    checkpointer = FlashCheckpointer(tmp_path, overlap=True)
+    checkpointer.save(1, {"model": model.state_dict()})
+    with torch.no_grad():
+        model[2].bias.add_(1.0)  # no wait_for_snapshot() first
+    with pytest.raises(CheckpointError, match=r"snapshot of step 1 discarded: state\['model'\]\['2.bias'\] "
+                                              r"changed in place between save\(\) and wait_for_snapshot\(\)"):
+        checkpointer.wait()
+    assert latest_complete(tmp_path) is None and not list((tmp_path / "step-000000001").iterdir())
+    checkpointer.save(2, {"model": model.state_dict()})  # usable afterwards; a fenced update is fine
+    checkpointer.wait_for_snapshot()
+    with torch.no_grad():
+        model[2].bias.add_(1.0)
+    checkpointer.close()
+    assert latest_complete(tmp_path).step == 2
+
+
 def test_overlapped_copy_is_fenced_by_the_optimizer_step(tmp_path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    checkpointer = FlashCheckpointer(tmp_path, overlap=True)
-    checkpointer.guard(optimizer)
+    checkpointer = FlashCheckpointer(tmp_path, optimizers=[optimizer])
     for step in range(3):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         checkpointer.save(step, {"model": model.state_dict()})
@@ -161,3 +231,20 @@ def test_overlapped_copy_is_fenced_by_the_optimizer_step(tmp_path) -> None:
         assert_same(FlashCheckpointer(tmp_path).restore()[1]["model"], before)
         assert not torch.equal(model.weight, before["weight"])
     checkpointer.close()
+
+
+copy_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool])
+
+
+@settings(max_examples=30, deadline=None)
+@given(numel=st.one_of(st.integers(0, 40), st.integers(32768 - 3, 32768 * 3 + 3)), dtype=copy_dtypes,
+       transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_copy_on_this_thread_equals_copy(numel, dtype, transposed, seed) -> None:
+    """Chunked (contiguous, >= the grain size) or not (small, non-contiguous): bitwise `copy_`."""
+    source = random_tensor([numel], dtype, seed)
+    if transposed and numel >= 2:
+        source = source[: numel - numel % 2].view(2, -1).t()  # non-contiguous: the plain copy_ path
+    expected = torch.empty_like(source).copy_(source)
+    buffer = torch.empty(source.shape, dtype=dtype)
+    copy_on_this_thread(buffer, source)
+    assert buffer.dtype == dtype and torch.equal(buffer, expected)  # finite values: equal is bitwise here
