@@ -139,9 +139,9 @@ class FlashCheckpointer:
         self.wait()
         self.last_fence_wait_s = 0.0
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        watched: list[tuple[str, torch.Tensor, int]] = []
+        watched: list[tuple[str, torch.Tensor, int]] | None = [] if self.overlap else None  # synchronous: no check
         host_state = self._to_host(state, "state", iter(range(1 << 62)), copies, watched)
-        pending = _Pending(step, host_state, copies, watched if self.overlap else [])
+        pending = _Pending(step, host_state, copies, watched or [])
         if not self.overlap:
             self._copy(pending)
             pending.checked.set()  # nothing ran between the copy and now
@@ -180,10 +180,11 @@ class FlashCheckpointer:
             pending.copies = []
             pending.copied.set()
 
-    def _to_host(self, value: Any, where: str, counter, copies: list, watched: list) -> Any:
+    def _to_host(self, value: Any, where: str, counter, copies: list, watched: list | None) -> Any:
         if isinstance(value, torch.Tensor):
             tensor = value.detach()  # shares the version counter (a DTensor's too)
-            watched.append((where, tensor, tensor._version))
+            if watched is not None:
+                watched.append((where, tensor, tensor._version))
             return self._host_buffer(tensor, next(counter), copies)
         if isinstance(value, dict):
             return {key: self._to_host(item, f"{where}[{key!r}]", counter, copies, watched)
