@@ -16,7 +16,7 @@ from ling_data.kg.pipeline import SynthesisConfig, synthesize
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "packages" / "ling-eval" / "src" / "ling_eval" / "data"
 CONFIG = SynthesisConfig(samples_per_pattern=20, seed=0)
-TOOL_SAMPLES_PER_FORMAT = 12  # each sample repeats the ~5 KB tool list per turn: keep the file small
+TOOL_SAMPLES_PER_FORMAT = 12  # each sample still holds the ~5 KB tool list once (in its text)
 
 
 def kg_eval_tasks() -> dict[str, list[dict]]:

@@ -36,11 +36,17 @@ def parse_continuation(continuation: str, format: str) -> dict | None:
 
 def check_rendering(sample: dict) -> None:
     """Each turn's prompt is a prefix of the text, ends where the contract says, and the text
-    that follows it parses to exactly the expected call or answer."""
+    that follows it parses to exactly the expected call or answer. A turn gives its prompt
+    as a string (`prompt`) or as the prompt's length in code points (`prompt_chars`, as the
+    written files do: the prompt is `text[:prompt_chars]`)."""
     text, turns, calls, fmt = sample["text"], sample["turns"], sample["calls"], sample["format"]
     assert len(turns) == len(calls) + 1
     for index, turn in enumerate(turns):
-        prompt = turn["prompt"]
+        if "prompt_chars" in turn:
+            assert set(turn) == {"prompt_chars", "expect"} and 0 < turn["prompt_chars"] <= len(text)
+            prompt = text[: turn["prompt_chars"]]
+        else:
+            prompt = turn["prompt"]
         assert text.startswith(prompt)
         if fmt == "json" or index == 0:
             assert prompt.endswith("<|im_start|>assistant\n")

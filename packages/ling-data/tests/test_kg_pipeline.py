@@ -99,6 +99,7 @@ def test_samples_follow_the_contract(synthesis) -> None:
         )
         assert row["text"].startswith("<|im_start|>system\nYou can call these tools:\n")
         assert json.loads(json.dumps(row)) == row  # plain JSON values only
+        assert all(set(turn) == {"prompt_chars", "expect"} for turn in row["turns"])  # tools once per sample
         check_rendering(row)
     hops = {row["hops"] for row in rows}
     assert hops == {1, 2, 3, 4}

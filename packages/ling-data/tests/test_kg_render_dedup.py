@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ling_data.kg.answers import answers_match, format_answer
 from ling_data.kg.dedup import jaccard, near_duplicates, shingles
-from ling_data.kg.render import FORMATS, THOUGHTS, render, system_prompt
+from ling_data.kg.render import FORMATS, THOUGHTS, compact_turns, render, system_prompt
 from ling_data.kg.wording import mention, sentence
 
 sys.path.insert(
@@ -67,6 +67,13 @@ def test_rendering_parses_back_to_the_gold_calls(
 ) -> None:
     text, turns = render(question, calls, answer, system_prompt(TOOLS), fmt)
     check_rendering({"text": text, "turns": turns, "calls": calls, "format": fmt, "answer": answer})
+    compact = compact_turns(text, turns)
+    assert [{"prompt": text[: t["prompt_chars"]], "expect": t["expect"]} for t in compact] == turns
+
+
+def test_compact_turns_rejects_a_prompt_that_is_not_a_prefix() -> None:
+    with pytest.raises(ValueError, match=r"turns\[1\]\.prompt is not a prefix"):
+        compact_turns("abc", [{"prompt": "a", "expect": {}}, {"prompt": "b", "expect": {}}])
 
 
 def test_json_rendering_matches_the_contract_example() -> None:

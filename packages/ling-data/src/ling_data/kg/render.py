@@ -5,6 +5,10 @@ by a `tool` turn `<tool_response>RESULT</tool_response>`, then an assistant "Fin
 "react": one assistant turn holding Thought / Action / Action Input / Observation steps and a
 closing "Final Answer: X". Both return the full `text` and the teacher-forced `turns`, whose
 prompts end exactly where the model starts writing.
+
+Every prompt is a prefix of `text`, so the written samples store a turn as `prompt_chars`
+(the prompt is `text[:prompt_chars]`, counted in Unicode code points) rather than the prompt
+itself (`compact_turns`): the ~5 KB tool list then appears once per sample, not once per turn.
 """
 
 from __future__ import annotations
@@ -79,6 +83,16 @@ def render(
         prompt = context
     turns.append({"prompt": prompt, "expect": {"final_answer": answer}})
     return prompt + f"Final Answer: {answer}{IM_END}\n", turns
+
+
+def compact_turns(text: str, turns: list[dict]) -> list[dict]:
+    """`turns` as `{"prompt_chars", "expect"}`; ling-eval expands `text[:prompt_chars]` back."""
+    compact = []
+    for index, turn in enumerate(turns):
+        if not text.startswith(turn["prompt"]):
+            raise ValueError(f"turns[{index}].prompt is not a prefix of the sample's text")
+        compact.append({"prompt_chars": len(turn["prompt"]), "expect": turn["expect"]})
+    return compact
 
 
 def _worded(arguments: dict[str, Any]) -> dict[str, Any]:
