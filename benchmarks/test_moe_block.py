@@ -43,8 +43,8 @@ def block_flops() -> int:
     return 3 * forward_per_token * TOKENS
 
 
-@pytest.fixture(scope="module")
-def ours() -> MoE:
+def make_block() -> MoE:
+    """Ours: ling-core's `MoE` at the benchmark shape, weights drawn from N(0, INIT_STD)."""
     config = LingConfig(vocab_size=1024, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=8,
                         num_key_value_heads=8, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                         moe_intermediate_size=EXPERT_FFN, num_shared_experts=SHARED_EXPERTS,
@@ -57,12 +57,21 @@ def ours() -> MoE:
     return block
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [1, TOKENS, HIDDEN] that require grad, as a layer's input does; output grad)."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(1, TOKENS, HIDDEN, generator=generator).requires_grad_()
     return x, torch.randn(1, TOKENS, HIDDEN, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def ours() -> MoE:
+    return make_block()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return make_inputs()
 
 
 def transformers_block(ours: MoE, experts_implementation: str) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from hypothesis import strategies as st
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -61,3 +62,21 @@ def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tenso
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.autograd.backward(outputs, grads_out)
     return [o.detach() for o in outputs] + [t.grad for t in inputs if t.requires_grad]
+
+
+@st.composite
+def assignments(draw):
+    """(tokens, num_experts, expert_indices [T, k]) with distinct experts per token, drawn so
+    that some experts get no tokens, or (k = 1) every token goes to one expert."""
+    tokens = draw(st.integers(1, 24))
+    num_experts = draw(st.integers(1, 9))
+    pattern = draw(st.sampled_from(["random", "one_expert", "few_experts"]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if pattern == "one_expert":
+        expert = draw(st.integers(0, num_experts - 1))
+        return tokens, num_experts, torch.full((tokens, 1), expert, dtype=torch.long)
+    pool = num_experts if pattern == "random" else draw(st.integers(1, num_experts))
+    top_k = draw(st.integers(1, pool))
+    chosen = torch.randperm(num_experts, generator=generator)[:pool]
+    rows = [chosen[torch.randperm(pool, generator=generator)[:top_k]] for _ in range(tokens)]
+    return tokens, num_experts, torch.stack(rows)

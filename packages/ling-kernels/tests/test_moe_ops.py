@@ -10,31 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, kernel_mode
+from ling_kernels_testing import assert_close, assignments, kernel_mode
 from ling_kernels import grouped_mm, permute, route, unpermute
 from ling_kernels.grouped_mm import reference as grouped_mm_reference
 from ling_kernels.permute import reference_permute, reference_unpermute
 from ling_kernels.route import reference as route_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@st.composite
-def assignments(draw):
-    """(tokens, num_experts, expert_indices [T, k]) with distinct experts per token, drawn so
-    that some experts get no tokens, or (k = 1) every token goes to one expert."""
-    tokens = draw(st.integers(1, 24))
-    num_experts = draw(st.integers(1, 9))
-    pattern = draw(st.sampled_from(["random", "one_expert", "few_experts"]))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    if pattern == "one_expert":
-        expert = draw(st.integers(0, num_experts - 1))
-        return tokens, num_experts, torch.full((tokens, 1), expert, dtype=torch.long)
-    pool = num_experts if pattern == "random" else draw(st.integers(1, num_experts))
-    top_k = draw(st.integers(1, pool))
-    chosen = torch.randperm(num_experts, generator=generator)[:pool]
-    rows = [chosen[torch.randperm(pool, generator=generator)[:top_k]] for _ in range(tokens)]
-    return tokens, num_experts, torch.stack(rows)
 
 
 def _grads(tensors):

@@ -19,8 +19,10 @@ Paths, chosen per call by `ling_kernels.dispatch`:
   and a sum over k: permute's backward is `grad.index_select(0, slot_of_assignment)`
   viewed [T, k, H] and summed over k, unpermute's forward the same with the weights, and unpermute's
   backward gathers rows back by `token_of_slot`. Gathers write each output row once, so they
-  parallelise without atomics and are deterministic on CUDA, where `auto` takes them (speed
-  unmeasured: no GPU yet). On CPU `auto` keeps the reference: one thread's CPU time at the
+  parallelise without atomics and are deterministic.
+- fast on CUDA with Triton importable: the same gathers as Triton kernels
+  (`ling_kernels.permute_triton`), one program per row, fp32 sums, no [T, k, H] temporaries;
+  `auto` takes them on CUDA (speed unmeasured: no GPU was available). On CPU `auto` keeps the reference: one thread's CPU time at the
   benchmark block's shape was 1.41x (permute) and 1.06x (unpermute) the reference's
   (`scripts/measure_ops.py --threads 1 --cpu-time`, README).
 """
@@ -33,6 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ling_kernels.dispatch import use_fast_path
+from ling_kernels.triton_support import triton_importable
 
 __all__ = ["PermuteMap", "permute", "unpermute", "make_permute_map", "reference_permute",
            "reference_unpermute"]
@@ -100,6 +103,10 @@ def permute(
     if not use_fast_path("permute", available=True, preferred=not x.is_cpu):
         return reference_permute(x, expert_indices, num_experts)
     permute_map = make_permute_map(expert_indices, num_experts)
+    if x.is_cuda and triton_importable():
+        from ling_kernels.permute_triton import triton_permute
+
+        return triton_permute(x, permute_map.slot_of_assignment, permute_map.top_k), permute_map
     return _Permute.apply(x, permute_map.token_of_slot, permute_map.slot_of_assignment,
                           permute_map.top_k), permute_map
 
@@ -116,6 +123,11 @@ def unpermute(
         )
     if not use_fast_path("unpermute", available=True, preferred=not expert_out.is_cpu):
         return reference_unpermute(expert_out, permute_map, expert_weights)
+    if expert_out.is_cuda and triton_importable():
+        from ling_kernels.permute_triton import triton_unpermute
+
+        return triton_unpermute(expert_out, expert_weights.reshape(-1, max(permute_map.top_k, 1)),
+                                permute_map.slot_of_assignment)
     return _Unpermute.apply(
         expert_out, expert_weights.reshape(-1, max(permute_map.top_k, 1)),
         permute_map.token_of_slot, permute_map.slot_of_assignment,
