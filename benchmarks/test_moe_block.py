@@ -230,3 +230,28 @@ def test_moe_block_kernel_paths(benchmark, ours, inputs, matmul_rate, best_time,
         "speedup_auto_over_reference": round(reference_time.seconds / seconds, 3),
         "threads": torch.get_num_threads(),
     })
+
+
+def test_moe_block_keep_freed_memory(benchmark):
+    """A/B of `ling_kernels.allocator.keep_freed_memory()` on this block: fresh processes
+    alternating default / keep (the setting is process-global), at this run's thread count,
+    each reporting its best round against its own matmul rate, page faults and resident memory
+    (packages/ling-kernels/scripts/measure_allocator.py). The timed call is the whole A/B
+    session; the numbers are in extra_info."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "packages/ling-kernels/scripts/measure_allocator.py"
+    result = {}
+
+    def run_ab():
+        out = subprocess.run([sys.executable, str(script), "--json", "--pairs", "2", "--threads",
+                              str(torch.get_num_threads())], check=True, capture_output=True,
+                             text=True, timeout=1800).stdout
+        result.update(json.loads(out.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run_ab, rounds=1, iterations=1)
+    benchmark.extra_info.update({"threads": torch.get_num_threads(), **{
+        key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()}})

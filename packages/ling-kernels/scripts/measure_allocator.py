@@ -67,11 +67,25 @@ def worker(keep: bool, threads: int, rounds: int) -> dict:
     }
 
 
+def summary(results: dict[str, list[dict]]) -> dict:
+    """Best-of-processes numbers per subject and the keep/default ratios."""
+    out = {}
+    for subject, rows in results.items():
+        out[subject] = {key: (min if key in ("wall_s", "cpu_s") else max)(r[key] for r in rows)
+                        for key in ("wall_s", "cpu_s", "fraction_wall", "fraction_cpu",
+                                    "peak_rss_mib", "rss_between_steps_mib")}
+        out[subject]["faults_per_round"] = min(r["faults_per_round"] for r in rows)
+    out["keep_faster_by_wall"] = out["default"]["wall_s"] / out["keep"]["wall_s"]
+    out["keep_faster_by_cpu"] = out["default"]["cpu_s"] / out["keep"]["cpu_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="processes per subject, alternating")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
+    parser.add_argument("--json", action="store_true", help="print only a JSON summary line")
     parser.add_argument("--worker", choices=["default", "keep"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -87,11 +101,16 @@ def main() -> None:
             ).stdout
             results[subject].append(json.loads(out.strip().splitlines()[-1]))
             row = results[subject][-1]
+            if args.json:
+                continue
             print(f"{subject:8s} wall {row['wall_s']:.3f} s ({row['fraction_wall']:.3f} of matmul) "
                   f"cpu {row['cpu_s']:.3f} s ({row['fraction_cpu']:.3f}) "
                   f"faults/round {row['faults_per_round']:7d}  peak RSS {row['peak_rss_mib']:.0f} MiB, "
                   f"between steps {row['rss_between_steps_mib']:.0f} MiB",
                   flush=True)
+    if args.json:
+        print(json.dumps(summary(results)))
+        return
     print(f"{args.threads} thread(s), {args.pairs} alternating processes each, best of "
           f"{args.rounds} rounds per process")
     for key in ("wall_s", "cpu_s"):
