@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
@@ -80,3 +83,18 @@ def assignments(draw):
     chosen = torch.randperm(num_experts, generator=generator)[:pool]
     rows = [chosen[torch.randperm(pool, generator=generator)[:top_k]] for _ in range(tokens)]
     return tokens, num_experts, torch.stack(rows)
+
+
+def run_under_triton_interpreter(script: str) -> None:
+    """Run tests/<script> in a subprocess with TRITON_INTERPRET=1 and fail with its output
+    unless it exits 0 and prints "checked". A subprocess, because TRITON_INTERPRET must be set
+    before the kernels are decorated, and this process may already have imported them."""
+    import pytest
+
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent / script)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checked" in result.stdout

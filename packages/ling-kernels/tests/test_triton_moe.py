@@ -2,37 +2,24 @@
 TRITON_INTERPRET=1 (always, where Triton is installed) and, through the public dispatching
 functions, on real CUDA (marked gpu), against the references, values and gradients."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, assignments, kernel_mode
+from ling_kernels_testing import assert_close, assignments, kernel_mode, run_under_triton_interpreter
 from ling_kernels import grouped_mm, permute, route, unpermute
 from ling_kernels.grouped_mm import reference as grouped_mm_reference
 from ling_kernels.grouped_mm import torch_grouped_mm_supported
 from ling_kernels.permute import reference_permute, reference_unpermute
 from ling_kernels.route import reference as route_reference
 
-TESTS = Path(__file__).resolve().parent
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def test_triton_moe_kernels_under_interpreter_on_cpu():
     """A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "triton_interpret_moe.py")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked" in result.stdout
+    run_under_triton_interpreter("triton_interpret_moe.py")
 
 
 @pytest.mark.gpu

@@ -34,6 +34,16 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    elif INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                            N, K, stride_be, stride_bk, stride_bn, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -54,12 +64,7 @@ def _grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_start_ptr,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        elif INTERPRETED:
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
-        else:
-            acc += tl.dot(a, b)
+        acc += _dot(a, b, IEEE, INTERPRETED)
     tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -83,12 +88,7 @@ def _grouped_weight_grad_kernel(grad_ptr, x_ptr, grad_w_ptr, group_start_ptr, gr
                          mask=n_mask[:, None] & row_mask[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(grad_t, x, input_precision="ieee")
-        elif INTERPRETED:
-            acc += tl.dot(grad_t.to(tl.float32), x.to(tl.float32))
-        else:
-            acc += tl.dot(grad_t, x)
+        acc += _dot(grad_t, x, IEEE, INTERPRETED)
     tl.store(grad_w_ptr + expert * N * K + ns[:, None] * K + ks[None, :],
              acc.to(grad_w_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 

@@ -36,8 +36,10 @@ def _permute_forward_kernel(x_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BL
 
 
 @triton.jit
-def _permute_backward_kernel(grad_ptr, slot_ptr, grad_x_ptr, H, TOP_K: tl.constexpr,
-                             BLOCK_H: tl.constexpr):
+def _sum_slots_kernel(expert_out_ptr, weight_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr,
+                      WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j w[t, j] * rows[slot(t, j)] (fp32): unpermute's forward, and with all
+    weights 1 (WEIGHTED False, weight_ptr unused) permute's backward."""
     token = tl.program_id(0).to(tl.int64)
     for start in range(0, H, BLOCK_H):
         cols = start + tl.arange(0, BLOCK_H)
@@ -45,23 +47,10 @@ def _permute_backward_kernel(grad_ptr, slot_ptr, grad_x_ptr, H, TOP_K: tl.conste
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for j in range(TOP_K):
             slot = tl.load(slot_ptr + token * TOP_K + j)
-            acc += tl.load(grad_ptr + slot * H + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad_x_ptr + token * H + cols, acc.to(grad_x_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _unpermute_forward_kernel(expert_out_ptr, weight_ptr, slot_ptr, out_ptr, H,
-                              TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    for start in range(0, H, BLOCK_H):
-        cols = start + tl.arange(0, BLOCK_H)
-        mask = cols < H
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for j in range(TOP_K):
-            slot = tl.load(slot_ptr + token * TOP_K + j)
-            weight = tl.load(weight_ptr + token * TOP_K + j).to(tl.float32)
             row = tl.load(expert_out_ptr + slot * H + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += weight * row
+            if WEIGHTED:
+                row *= tl.load(weight_ptr + token * TOP_K + j).to(tl.float32)
+            acc += row
         tl.store(out_ptr + token * H + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,9 +98,9 @@ class _TritonPermute(torch.autograd.Function):
         hidden = grad_permuted.shape[1]
         grad_x = grad_permuted.new_empty(ctx.num_tokens, hidden)
         if grad_x.numel():
-            _permute_backward_kernel[(ctx.num_tokens,)](
-                grad_permuted, slot_of_assignment, grad_x, hidden, TOP_K=ctx.top_k,
-                BLOCK_H=_block_h(hidden))
+            _sum_slots_kernel[(ctx.num_tokens,)](
+                grad_permuted, grad_permuted, slot_of_assignment, grad_x, hidden, TOP_K=ctx.top_k,
+                WEIGHTED=False, BLOCK_H=_block_h(hidden))
         return grad_x, None, None
 
 
@@ -123,9 +112,9 @@ class _TritonUnpermute(torch.autograd.Function):
         hidden = expert_out.shape[1]
         out = expert_out.new_empty(num_tokens, hidden)
         if out.numel():
-            _unpermute_forward_kernel[(num_tokens,)](
+            _sum_slots_kernel[(num_tokens,)](
                 expert_out, expert_weights, slot_of_assignment, out, hidden, TOP_K=top_k,
-                BLOCK_H=_block_h(hidden))
+                WEIGHTED=True, BLOCK_H=_block_h(hidden))
         ctx.save_for_backward(expert_out, expert_weights, slot_of_assignment)
         return out
 
