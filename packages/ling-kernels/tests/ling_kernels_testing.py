@@ -98,3 +98,12 @@ def run_under_triton_interpreter(script: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "checked" in result.stdout
+
+
+def distinct_scores(tokens: int, experts: int, generator: torch.Generator) -> torch.Tensor:
+    """Router scores [tokens, experts] with no ties in any row, even in bf16: each row is a
+    random permutation of (0 - E/2)/16, ..., (E-1 - E/2)/16 (exact in bf16 for E <= 256), so top-k is
+    unique and two routing implementations must choose the same experts in the same order
+    (torch.topk's order among equal values is unspecified)."""
+    ranks = torch.rand(tokens, experts, generator=generator).argsort(dim=1)
+    return ranks.float() / 16 - experts / 32

@@ -25,7 +25,9 @@ from ling_kernels.permute import make_permute_map, reference_permute, reference_
 from ling_kernels.permute_triton import triton_permute, triton_unpermute  # noqa: E402
 from ling_kernels.route import reference as route_reference  # noqa: E402
 from ling_kernels.route_triton import triton_route  # noqa: E402
-from ling_kernels_testing import assert_close, assignments, forward_backward  # noqa: E402
+from ling_kernels_testing import (  # noqa: E402
+    assert_close, assignments, distinct_scores, forward_backward,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 SETTINGS = settings(max_examples=10, deadline=None, database=None)
@@ -48,7 +50,7 @@ def _compare(fast, expected, dtype):
 def check_route(tokens, experts, data, norm, dtype, seed, one_expert):
     top_k = data.draw(st.integers(1, experts)) if data is not None else min(3, experts)
     generator = torch.Generator().manual_seed(seed)
-    scores = torch.randn(tokens, experts, generator=generator)
+    scores = distinct_scores(tokens, experts, generator)
     if one_expert:
         scores[:, experts // 2] += 20.0
     scores = scores.to(dtype).requires_grad_()
