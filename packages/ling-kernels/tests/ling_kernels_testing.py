@@ -107,3 +107,15 @@ def distinct_scores(tokens: int, experts: int, generator: torch.Generator) -> to
     (torch.topk's order among equal values is unspecified)."""
     ranks = torch.rand(tokens, experts, generator=generator).argsort(dim=1)
     return ranks.float() / 16 - experts / 32
+
+
+def permute_case_tensors(tokens: int, hidden: int, top_k: int, dtype: torch.dtype, seed: int):
+    """(x [T, H] leaf, expert weights [T, k] fp32 leaf, row_scale [T*k, 1], grad_out [T, H]) for
+    permute -> (x row_scale, a stand-in for the experts that keeps rows distinguishable) ->
+    unpermute comparisons."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
+    weights = torch.rand(tokens, top_k, generator=generator).requires_grad_()
+    row_scale = torch.randn(tokens * top_k, 1, generator=generator).to(dtype)
+    grad_out = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    return x, weights, row_scale, grad_out

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, assignments, kernel_mode
+from ling_kernels_testing import assert_close, assignments, kernel_mode, permute_case_tensors
 from ling_kernels import grouped_mm, permute, route, unpermute
 from ling_kernels.grouped_mm import reference as grouped_mm_reference
 from ling_kernels.permute import reference_permute, reference_unpermute
@@ -29,12 +29,7 @@ def _grads(tensors):
 def test_permute_unpermute_fast_match_reference(case, hidden, dtype, seed):
     tokens, num_experts, indices = case
     top_k = indices.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
-    weights = torch.rand(tokens, top_k, generator=generator).requires_grad_()
-    # Stand-in for the experts: a per-row transformation, so rows are distinguishable.
-    row_scale = torch.randn(tokens * top_k, 1, generator=generator).to(dtype)
-    grad_out = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    x, weights, row_scale, grad_out = permute_case_tensors(tokens, hidden, top_k, dtype, seed)
     results = []
     for mode, (perm, unperm) in (("fast", (permute, unpermute)),
                                  ("reference", (reference_permute, reference_unpermute))):

@@ -26,7 +26,7 @@ from ling_kernels.permute_triton import triton_permute, triton_unpermute  # noqa
 from ling_kernels.route import reference as route_reference  # noqa: E402
 from ling_kernels.route_triton import triton_route  # noqa: E402
 from ling_kernels_testing import (  # noqa: E402
-    assert_close, assignments, distinct_scores, forward_backward,
+    assert_close, assignments, distinct_scores, forward_backward, permute_case_tensors,
 )
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -82,11 +82,7 @@ def check_route(tokens, experts, data, norm, dtype, seed, one_expert):
 def check_permute_unpermute(case, hidden, dtype, seed):
     tokens, num_experts, indices = case
     top_k = indices.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
-    weights = torch.rand(tokens, top_k, generator=generator).requires_grad_()
-    row_scale = torch.randn(tokens * top_k, 1, generator=generator).to(dtype)
-    grad_out = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    x, weights, row_scale, grad_out = permute_case_tensors(tokens, hidden, top_k, dtype, seed)
     permute_map = make_permute_map(indices, num_experts)
 
     def fast(x, weights):
