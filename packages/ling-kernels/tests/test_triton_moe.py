@@ -79,8 +79,10 @@ def test_permute_unpermute_on_cuda_match_reference(case, hidden, dtype, seed):
 @settings(max_examples=30, deadline=None)
 @given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=64),
        in_features=st.sampled_from([8, 64, 1000, 1024]), out_features=st.sampled_from([8, 704, 1001]),
-       stacked=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_grouped_mm_on_cuda_matches_reference(counts, in_features, out_features, stacked, dtype, seed):
+       stacked=st.booleans(), with_bias=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_grouped_mm_on_cuda_matches_reference(counts, in_features, out_features, stacked, with_bias,
+                                              dtype, seed):
     """Exercises torch._grouped_mm (bf16, Hopper, aligned sizes) or the Triton kernels."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(counts), in_features, generator=generator).to("cuda", dtype).requires_grad_()
@@ -89,9 +91,12 @@ def test_grouped_mm_on_cuda_matches_reference(counts, in_features, out_features,
     weights = stacked_weights.requires_grad_() if stacked else [
         w.clone().requires_grad_() for w in stacked_weights]
     grad = torch.randn(sum(counts), out_features, generator=generator).to("cuda", dtype)
-    leaves = [x, *([weights] if stacked else weights)]
+    biases = (torch.randn(len(counts), out_features, generator=generator).to("cuda", dtype)
+              .requires_grad_() if with_bias else None)
+    leaves = [x, *([weights] if stacked else weights), *([biases] if with_bias else [])]
     outputs = []
-    for fn in (lambda: grouped_mm(x, weights, counts), lambda: grouped_mm_reference(x, weights, counts)):
+    for fn in (lambda: grouped_mm(x, weights, counts, biases),
+               lambda: grouped_mm_reference(x, weights, counts, biases)):
         for leaf in leaves:
             leaf.grad = None
         with kernel_mode("fast"):

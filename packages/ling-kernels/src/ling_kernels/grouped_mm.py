@@ -109,10 +109,13 @@ def _fast_path(x, weights, counts, biases):
         out = triton_grouped_mm(x, _stacked(weights), counts)
     else:
         return _loop_of_mm(x, weights, counts, biases)
-    if biases is None:
-        return out
-    counts_on_device = torch.tensor(counts, device=x.device)
-    return out + _stacked(biases).repeat_interleave(counts_on_device, dim=0, output_size=x.shape[0])
+    return out if biases is None else add_row_biases(out, biases, counts)
+
+
+def add_row_biases(out: torch.Tensor, biases: Weights, counts: list[int]) -> torch.Tensor:
+    """out + biases[e] on every row of group e (differentiable in both)."""
+    counts_on_device = torch.tensor(counts, device=out.device)
+    return out + _stacked(biases).repeat_interleave(counts_on_device, dim=0, output_size=out.shape[0])
 
 
 def _loop_of_mm(x, weights, counts, biases):
