@@ -43,8 +43,8 @@ def block_flops() -> int:
     return 3 * forward_per_token * TOKENS
 
 
-@pytest.fixture(scope="module")
-def ours() -> MoE:
+def make_block() -> MoE:
+    """Ours: ling-core's `MoE` at the benchmark shape, weights drawn from N(0, INIT_STD)."""
     config = LingConfig(vocab_size=1024, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=8,
                         num_key_value_heads=8, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                         moe_intermediate_size=EXPERT_FFN, num_shared_experts=SHARED_EXPERTS,
@@ -57,12 +57,21 @@ def ours() -> MoE:
     return block
 
 
-@pytest.fixture(scope="module")
-def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [1, TOKENS, HIDDEN] that require grad, as a layer's input does; output grad)."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(1, TOKENS, HIDDEN, generator=generator).requires_grad_()
     return x, torch.randn(1, TOKENS, HIDDEN, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def ours() -> MoE:
+    return make_block()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return make_inputs()
 
 
 def transformers_block(ours: MoE, experts_implementation: str) -> torch.nn.Module:
@@ -221,3 +230,28 @@ def test_moe_block_kernel_paths(benchmark, ours, inputs, matmul_rate, best_time,
         "speedup_auto_over_reference": round(reference_time.seconds / seconds, 3),
         "threads": torch.get_num_threads(),
     })
+
+
+def test_moe_block_keep_freed_memory(benchmark):
+    """A/B of `ling_kernels.allocator.keep_freed_memory()` on this block: fresh processes
+    alternating default / keep (the setting is process-global), at this run's thread count,
+    each reporting its best round against its own matmul rate, page faults and resident memory
+    (packages/ling-kernels/scripts/measure_allocator.py). The timed call is the whole A/B
+    session; the numbers are in extra_info."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "packages/ling-kernels/scripts/measure_allocator.py"
+    result = {}
+
+    def run_ab():
+        out = subprocess.run([sys.executable, str(script), "--json", "--pairs", "2", "--threads",
+                              str(torch.get_num_threads())], check=True, capture_output=True,
+                             text=True, timeout=1800).stdout
+        result.update(json.loads(out.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run_ab, rounds=1, iterations=1)
+    benchmark.extra_info.update({"threads": torch.get_num_threads(), **{
+        key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()}})

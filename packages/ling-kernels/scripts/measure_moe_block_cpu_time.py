@@ -6,7 +6,7 @@ average 13-19 on 2 cores while this was written): one thread's CPU time counts t
 process did, not the time it waited for a core (cache and memory-bandwidth contention still
 leak in). Rounds interleave the subjects; best of `--rounds`.
 
-    uv run python packages/ling-kernels/scripts/measure_moe_block_cpu_time.py [--rounds 3] [--eager]
+    uv run python packages/ling-kernels/scripts/measure_moe_block_cpu_time.py [--rounds 3] [--eager] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="also time transformers' eager experts")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call ling_kernels.allocator.keep_freed_memory() first (as ling-train does on CPU)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from ling_kernels.allocator import keep_freed_memory
+
+        print("keep_freed_memory:", keep_freed_memory())
     torch.set_num_threads(1)
     config = LingConfig(vocab_size=1024, hidden_size=HIDDEN, num_hidden_layers=1,
                         num_attention_heads=8, num_key_value_heads=8, num_experts=EXPERTS,

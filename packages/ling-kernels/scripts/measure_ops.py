@@ -8,7 +8,7 @@ machine too oversubscribed for wall clocks. This is the measurement behind each 
 choice (see the README).
 
     uv run python packages/ling-kernels/scripts/measure_ops.py [--rounds 7] [--dtype bfloat16]
-        [--threads 1 --cpu-time]
+        [--threads 1 --cpu-time] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -85,9 +85,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cpu-time", action="store_true", help="process CPU time, not wall time")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call ling_kernels.allocator.keep_freed_memory() first (as ling-train does on CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from ling_kernels.allocator import keep_freed_memory
+
+        print("keep_freed_memory:", keep_freed_memory())
     clock = time.process_time if args.cpu_time else time.perf_counter
     dtype = getattr(torch, args.dtype)
     print(f"{args.dtype}, {torch.get_num_threads()} threads, best of {args.rounds} "

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from hypothesis import strategies as st
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -61,3 +65,57 @@ def forward_backward(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tenso
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.autograd.backward(outputs, grads_out)
     return [o.detach() for o in outputs] + [t.grad for t in inputs if t.requires_grad]
+
+
+@st.composite
+def assignments(draw):
+    """(tokens, num_experts, expert_indices [T, k]) with distinct experts per token, drawn so
+    that some experts get no tokens, or (k = 1) every token goes to one expert."""
+    tokens = draw(st.integers(1, 24))
+    num_experts = draw(st.integers(1, 9))
+    pattern = draw(st.sampled_from(["random", "one_expert", "few_experts"]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if pattern == "one_expert":
+        expert = draw(st.integers(0, num_experts - 1))
+        return tokens, num_experts, torch.full((tokens, 1), expert, dtype=torch.long)
+    pool = num_experts if pattern == "random" else draw(st.integers(1, num_experts))
+    top_k = draw(st.integers(1, pool))
+    chosen = torch.randperm(num_experts, generator=generator)[:pool]
+    rows = [chosen[torch.randperm(pool, generator=generator)[:top_k]] for _ in range(tokens)]
+    return tokens, num_experts, torch.stack(rows)
+
+
+def run_under_triton_interpreter(script: str) -> None:
+    """Run tests/<script> in a subprocess with TRITON_INTERPRET=1 and fail with its output
+    unless it exits 0 and prints "checked". A subprocess, because TRITON_INTERPRET must be set
+    before the kernels are decorated, and this process may already have imported them."""
+    import pytest
+
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent / script)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checked" in result.stdout
+
+
+def distinct_scores(tokens: int, experts: int, generator: torch.Generator) -> torch.Tensor:
+    """Router scores [tokens, experts] with no ties in any row, even in bf16: each row is a
+    random permutation of (0 - E/2)/16, ..., (E-1 - E/2)/16 (exact in bf16 for E <= 256), so top-k is
+    unique and two routing implementations must choose the same experts in the same order
+    (torch.topk's order among equal values is unspecified)."""
+    ranks = torch.rand(tokens, experts, generator=generator).argsort(dim=1)
+    return ranks.float() / 16 - experts / 32
+
+
+def permute_case_tensors(tokens: int, hidden: int, top_k: int, dtype: torch.dtype, seed: int):
+    """(x [T, H] leaf, expert weights [T, k] fp32 leaf, row_scale [T*k, 1], grad_out [T, H]) for
+    permute -> (x row_scale, a stand-in for the experts that keeps rows distinguishable) ->
+    unpermute comparisons."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
+    weights = torch.rand(tokens, top_k, generator=generator).requires_grad_()
+    row_scale = torch.randn(tokens * top_k, 1, generator=generator).to(dtype)
+    grad_out = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    return x, weights, row_scale, grad_out

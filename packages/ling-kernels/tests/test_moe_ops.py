@@ -10,31 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, kernel_mode
+from ling_kernels_testing import assert_close, assignments, kernel_mode, permute_case_tensors
 from ling_kernels import grouped_mm, permute, route, unpermute
 from ling_kernels.grouped_mm import reference as grouped_mm_reference
 from ling_kernels.permute import reference_permute, reference_unpermute
 from ling_kernels.route import reference as route_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@st.composite
-def assignments(draw):
-    """(tokens, num_experts, expert_indices [T, k]) with distinct experts per token, drawn so
-    that some experts get no tokens, or (k = 1) every token goes to one expert."""
-    tokens = draw(st.integers(1, 24))
-    num_experts = draw(st.integers(1, 9))
-    pattern = draw(st.sampled_from(["random", "one_expert", "few_experts"]))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    if pattern == "one_expert":
-        expert = draw(st.integers(0, num_experts - 1))
-        return tokens, num_experts, torch.full((tokens, 1), expert, dtype=torch.long)
-    pool = num_experts if pattern == "random" else draw(st.integers(1, num_experts))
-    top_k = draw(st.integers(1, pool))
-    chosen = torch.randperm(num_experts, generator=generator)[:pool]
-    rows = [chosen[torch.randperm(pool, generator=generator)[:top_k]] for _ in range(tokens)]
-    return tokens, num_experts, torch.stack(rows)
 
 
 def _grads(tensors):
@@ -47,12 +29,7 @@ def _grads(tensors):
 def test_permute_unpermute_fast_match_reference(case, hidden, dtype, seed):
     tokens, num_experts, indices = case
     top_k = indices.shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
-    weights = torch.rand(tokens, top_k, generator=generator).requires_grad_()
-    # Stand-in for the experts: a per-row transformation, so rows are distinguishable.
-    row_scale = torch.randn(tokens * top_k, 1, generator=generator).to(dtype)
-    grad_out = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    x, weights, row_scale, grad_out = permute_case_tensors(tokens, hidden, top_k, dtype, seed)
     results = []
     for mode, (perm, unperm) in (("fast", (permute, unpermute)),
                                  ("reference", (reference_permute, reference_unpermute))):
@@ -218,3 +195,26 @@ def test_permute_checks_arguments():
         permute(torch.randn(2, 4), torch.tensor([[0], [3]]), 3)
     with pytest.raises(ValueError, match="same tokens"):
         permute(torch.randn(2, 4), torch.tensor([[0], [1], [2]]), 3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=5), out_features=st.integers(1, 9),
+       stacked=st.booleans(), seed=st.integers(0, 2**16))
+def test_row_biases_of_the_cuda_paths_match_reference(counts, out_features, stacked, seed):
+    """The CUDA grouped-GEMM paths add biases after the GEMM (`add_row_biases`); checked here on
+    CPU against the reference with biases, values and gradients."""
+    from ling_kernels.grouped_mm import add_row_biases
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), 3, generator=generator)
+    weights = torch.randn(len(counts), out_features, 3, generator=generator)
+    bias_tensor = torch.randn(len(counts), out_features, generator=generator).requires_grad_()
+    biases = bias_tensor if stacked else list(bias_tensor.unbind(0))
+    grad = torch.randn(sum(counts), out_features, generator=generator)
+    got = add_row_biases(grouped_mm_reference(x, weights, counts), biases, counts)
+    got.backward(grad)
+    got_grad, bias_tensor.grad = bias_tensor.grad, None
+    want = grouped_mm_reference(x, weights, counts, biases)
+    want.backward(grad)
+    assert_close(got, want, torch.float32)
+    assert_close(got_grad, bias_tensor.grad, torch.float32)

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, kernel_mode
+from ling_kernels_testing import assert_close, kernel_mode, run_under_triton_interpreter
 from ling_kernels import rms_norm
 from ling_kernels.rms_norm import reference
 
@@ -66,14 +65,7 @@ def test_triton_kernel_under_interpreter_on_cpu():
 
     A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated, and
     this process may already have imported them without it."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "triton_interpret_rms_norm.py")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked" in result.stdout
+    run_under_triton_interpreter("triton_interpret_rms_norm.py")
 
 
 @pytest.mark.gpu

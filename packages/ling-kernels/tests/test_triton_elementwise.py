@@ -1,35 +1,24 @@
 """The Triton SwiGLU and RoPE kernels: on CPU under TRITON_INTERPRET=1 (always, where Triton is
 installed) and on real CUDA (marked gpu), against the references, values and gradients."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ling_kernels_testing import assert_close, forward_backward, kernel_mode
+from ling_kernels_testing import (
+    assert_close, forward_backward, kernel_mode, run_under_triton_interpreter,
+)
 from ling_kernels import apply_rope, swiglu
 from ling_kernels.rope import reference as rope_reference
 from ling_kernels.swiglu import reference as swiglu_reference
 
-TESTS = Path(__file__).resolve().parent
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def test_triton_kernels_under_interpreter_on_cpu():
     """A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "triton_interpret_elementwise.py")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked" in result.stdout
+    run_under_triton_interpreter("triton_interpret_elementwise.py")
 
 
 @pytest.mark.gpu

@@ -14,6 +14,9 @@ dtype; `LING_KERNELS=reference|fast|auto` (read on every call, default `auto`) f
   num_experts) -> (rows grouped by expert, PermuteMap)`, `grouped_mm(x, weights,
   tokens_per_expert)`, `unpermute(expert_out, PermuteMap, expert_weights)`.
 
+`ling_kernels.allocator.keep_freed_memory()` (not an op): tell glibc to keep freed memory in
+the process, so CPU training steps do not page-fault on fresh gradients.
+
 The public functions shadow their modules as attributes of this package (as in torch); the
 references are re-exported here as `<op>_reference`.
 """

@@ -11,7 +11,12 @@ Paths, chosen per call by `ling_kernels.dispatch`:
 
 - `reference`: a Python loop of `F.linear` per group and a `torch.cat` (autograd builds one
   node per expert).
-- fast (every device): `_GroupedLinear`, one `torch.autograd.Function` that writes each
+- fast on CUDA (speed unmeasured: no GPU was available): `torch._grouped_mm` (CUTLASS) over
+  the stacked weights where `torch_grouped_mm_supported` (bf16, compute capability >= 9.0,
+  K and N multiples of 8); otherwise the Triton kernels of `ling_kernels.grouped_mm_triton`.
+  Both need the weights stacked [E, N, K]: a list is stacked per call (one copy of the
+  expert weights). Biases are added per row afterwards.
+- fast elsewhere (CPU, or CUDA without Triton): `_GroupedLinear`, one `torch.autograd.Function` that writes each
   group's product straight into one preallocated output (`torch.mm(out=)`, no cat) and does the
   backward as two matmuls per group (grad_x into one preallocated buffer, grad_W per expert).
   On CPU `torch._grouped_mm` over stacked weights was measured at the benchmark block's shape
@@ -30,8 +35,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ling_kernels.dispatch import use_fast_path
+from ling_kernels.triton_support import triton_importable
 
-__all__ = ["grouped_mm", "reference"]
+__all__ = ["grouped_mm", "reference", "torch_grouped_mm", "torch_grouped_mm_supported"]
 
 Weights = torch.Tensor | Sequence[torch.Tensor]
 
@@ -62,22 +68,84 @@ def grouped_mm(
     counts = _counts(x, weights, tokens_per_expert, biases)
     if not use_fast_path("grouped_mm", available=True):
         return reference(x, weights, counts, biases)
-    weight_list = list(weights.unbind(0)) if isinstance(weights, torch.Tensor) else list(weights)
-    bias_list = (
-        [] if biases is None
-        else list(biases.unbind(0)) if isinstance(biases, torch.Tensor) else list(biases)
-    )
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # A custom Function is opaque to autocast: cast as autocast would for F.linear, then
         # run with it off so the hand-written backward sees one dtype.
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
-        weight_list = [w.to(dtype) for w in weight_list]
-        bias_list = [b.to(dtype) for b in bias_list]
+        weights = weights.to(dtype) if isinstance(weights, torch.Tensor) else [w.to(dtype) for w in weights]
+        if biases is not None:
+            biases = biases.to(dtype) if isinstance(biases, torch.Tensor) else [b.to(dtype) for b in biases]
         with torch.autocast(device_type, enabled=False):
-            return _GroupedLinear.apply(x, tuple(counts), bool(bias_list), *weight_list, *bias_list)
+            return _fast_path(x, weights, counts, biases)
+    return _fast_path(x, weights, counts, biases)
+
+
+def torch_grouped_mm_supported(x: torch.Tensor, weights: Weights) -> bool:
+    """Whether `torch._grouped_mm` (CUTLASS grouped GEMM) serves these inputs: CUDA, bf16,
+    compute capability >= 9.0 (Hopper; the op's requirement), and K, N multiples of 8 (its
+    16-byte alignment rule for bf16 rows)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    out_features = weights.shape[1] if isinstance(weights, torch.Tensor) else weights[0].shape[0]
+    return (torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and x.shape[1] % 8 == 0 and out_features % 8 == 0)
+
+
+def _stacked(weights: Weights) -> torch.Tensor:
+    """[E, N, K]; a list is stacked (one copy per call; autograd unbinds the gradient back)."""
+    return weights if isinstance(weights, torch.Tensor) else torch.stack(list(weights))
+
+
+def _fast_path(x, weights, counts, biases):
+    """CUDA: `torch._grouped_mm` where supported, else the Triton kernels; elsewhere (or CUDA
+    without Triton) the `mm`-per-expert Function. Biases: added per row after the CUDA paths."""
+    if x.is_cuda and torch_grouped_mm_supported(x, weights):
+        out = torch_grouped_mm(x, _stacked(weights), counts)
+    elif x.is_cuda and triton_importable():
+        from ling_kernels.grouped_mm_triton import triton_grouped_mm
+
+        out = triton_grouped_mm(x, _stacked(weights), counts)
+    else:
+        return _loop_of_mm(x, weights, counts, biases)
+    return out if biases is None else add_row_biases(out, biases, counts)
+
+
+def add_row_biases(out: torch.Tensor, biases: Weights, counts: list[int]) -> torch.Tensor:
+    """out + biases[e] on every row of group e (differentiable in both)."""
+    counts_on_device = torch.tensor(counts, device=out.device)
+    return out + _stacked(biases).repeat_interleave(counts_on_device, dim=0, output_size=out.shape[0])
+
+
+def _loop_of_mm(x, weights, counts, biases):
+    weight_list = list(weights.unbind(0)) if isinstance(weights, torch.Tensor) else list(weights)
+    bias_list = (
+        [] if biases is None
+        else list(biases.unbind(0)) if isinstance(biases, torch.Tensor) else list(biases)
+    )
     return _GroupedLinear.apply(x, tuple(counts), bool(bias_list), *weight_list, *bias_list)
+
+
+def torch_grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`torch._grouped_mm` over stacked [E, N, K] weights (no biases). Runs on any device
+    torch implements it for (CPU too, which is how it is tested here); the upstream gradient
+    is made contiguous first, as the op's backward rejects broadcast (stride-0) gradients."""
+    offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(x.device)
+    out = torch._grouped_mm(x, weights.transpose(-2, -1), offs=offsets)
+    return _ContiguousGrad.apply(out)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; makes the incoming gradient contiguous for the op before it."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _counts(x, weights, tokens_per_expert, biases) -> list[int]:
