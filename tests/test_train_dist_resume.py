@@ -90,13 +90,15 @@ def test_local_sgd_and_ddp_resume_on_fewer_and_more_processes(tmp_path):
     DiLoCo: anchor and outer momentum arrive exactly, the loader continues with the next windows
     in order (exact losses where the weights are the same), and the loss keeps going down."""
     config = write_config(tmp_path, extra="checkpoint_every = 2\n")
-    sources = {
-        "ddp": ["--dist", "ddp"],
-        "diloco": ["--dist", "diloco", "--sync-every", "2", "--outer-momentum", "0.8"],
-        "edit": ["--dist", "edit", "--sync-every", "3", "--outer-momentum", "0.8"],  # step 2: mid-interval
+    edit_config = write_config(tmp_path, "edit.toml", extra="checkpoint_every = 3\n")
+    sources = {  # name: (flags, checkpoint step)
+        "ddp": (["--config", str(config), "--dist", "ddp"], 2),
+        "diloco": (["--config", str(config), "--dist", "diloco", "--sync-every", "2", "--outer-momentum", "0.8"], 2),
+        # step 3: one sync (step 2) behind it, mid-interval
+        "edit": (["--config", str(edit_config), "--dist", "edit", "--sync-every", "2", "--outer-momentum", "0.8"], 3),
     }
-    launched = {name: launch("--config", str(config), "--steps", "4", "--out", str(tmp_path / name), *flags)
-                for name, flags in sources.items()}
+    launched = {name: launch(*flags, "--steps", "4", "--out", str(tmp_path / name))
+                for name, (flags, _) in sources.items()}
     # Meanwhile, in this process: the one-process DiLoCo source for 1 -> 2 and its uninterrupted run.
     one_rank = ["--config", str(config), "--dist", "diloco", "--sync-every", "2", "--outer-momentum", "0.8"]
     in_process(*one_rank, "--steps", "4", "--out", str(tmp_path / "single"))
@@ -104,17 +106,17 @@ def test_local_sgd_and_ddp_resume_on_fewer_and_more_processes(tmp_path):
         finish(process)
     up = launch("--resume", str(tmp_path / "single" / "checkpoints" / "step-2"), "--out", str(tmp_path / "up"))
 
-    for name in sources:
-        checkpoint = tmp_path / name / "checkpoints" / "step-2"
+    for name, (_, step) in sources.items():
+        checkpoint = tmp_path / name / "checkpoints" / f"step-{step}"
         in_process("--resume", str(checkpoint), "--out", str(tmp_path / f"{name}-down"), "--steps", "6")
         full, down = losses(tmp_path / name), losses(tmp_path / f"{name}-down")
-        assert sorted(down) == [3, 4, 5, 6]
+        assert sorted(down) == list(range(step + 1, 7))
         if name != "edit":  # rank 0's weights are the whole job's (DDP; DiLoCo right after a sync)
-            assert down[3] == full[3], (name, full, down)
+            assert down[step + 1] == full[step + 1], (name, full, down)
         assert down[6] < full[1] and all(math.isfinite(v) for v in down.values())
         if name != "ddp":
             assert_carried_over(tmp_path / f"{name}-down", checkpoint)
-    states = rank_states(tmp_path / "edit" / "checkpoints" / "step-2")
+    states = rank_states(tmp_path / "edit" / "checkpoints" / "step-3")
     assert states[0]["params_sha256"] != states[1]["params_sha256"]  # EDiT really was mid-interval
 
     finish(up)
@@ -131,8 +133,10 @@ def test_aedit_checkpoints_at_sync_points_and_resumes(tmp_path):
     steps pass a multiple of checkpoint_every x ranks; resuming continues from that anchor and
     outer momentum and finishes. (Bitwise equality is impossible: the syncs follow wall time.)"""
     config = write_config(tmp_path, extra="checkpoint_every = 2\n")
-    common = ["--dist", "aedit", "--sync-seconds", "0.3", "--outer-momentum", "0.8"]
-    summary = finish(launch("--config", str(config), "--steps", "6", "--out", str(tmp_path / "full"), *common))
+    # Syncs every 50 ms: several syncs between the first checkpoint (4 steps in all) and the end
+    # (20), whether a step takes 30 ms (idle) or 500 ms (loaded).
+    common = ["--dist", "aedit", "--sync-seconds", "0.05", "--outer-momentum", "0.8"]
+    summary = finish(launch("--config", str(config), "--steps", "10", "--out", str(tmp_path / "full"), *common))
     checkpoints = sorted((tmp_path / "full" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
     periodic = [c for c in checkpoints if c.name != f"step-{summary['steps']}"]
     assert periodic, [c.name for c in checkpoints]
@@ -146,7 +150,7 @@ def test_aedit_checkpoints_at_sync_points_and_resumes(tmp_path):
     finish(launch("--resume", str(first), "--out", str(tmp_path / "resumed")))
     assert_carried_over(tmp_path / "resumed", first)
     syncs = [r for r in rows(tmp_path / "resumed") if r.get("event") == "sync"]
-    assert syncs and syncs[0]["global_inner_steps"] > saved_global and syncs[-1]["global_inner_steps"] >= 12
+    assert syncs and syncs[0]["global_inner_steps"] > saved_global and syncs[-1]["global_inner_steps"] >= 20
     assert all(math.isfinite(r["loss"]) for r in rows(tmp_path / "resumed") if "loss" in r)
 
 

@@ -25,7 +25,6 @@ Names come from `model.named_parameters()` of the unwrapped model (pass the modu
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -48,9 +47,20 @@ def _whole_cpu(value: Any) -> Any:
     return value
 
 
-def _natural_key(name: str) -> list:
-    """`layers.10` after `layers.9`, `experts.12` after `experts.3`: the unsharded model's order."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"\.", name)]
+def _merged_order(orders: list[list[str]]) -> list[str]:
+    """The unsharded model's key order from each rank's (each lacks the experts it does not own):
+    a key missing so far goes right before the next key of its own rank's list already placed, so
+    `experts.2` lands after rank 0's `experts.1` and before the layer's next module."""
+    merged = list(orders[0])
+    for order in orders[1:]:
+        placed = set(merged)
+        for i, name in enumerate(order):
+            if name in placed:
+                continue
+            successor = next((later for later in order[i + 1:] if later in placed), None)
+            merged.insert(merged.index(successor) if successor is not None else len(merged), name)
+            placed.add(name)
+    return merged
 
 
 def _gather_expert_parts(local: Any, dst: int) -> list[Any] | None:
@@ -82,7 +92,8 @@ def full_model_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Ten
     expert_names = _expert_names(model)
     whole: dict[str, torch.Tensor] = {}
     experts: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():  # DTensors in the same order on every rank
+    local_state = model.state_dict()
+    for name, tensor in local_state.items():  # DTensors in the same order on every rank
         if name in expert_names:
             experts[name] = tensor.detach().cpu()
         else:
@@ -90,12 +101,12 @@ def full_model_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Ten
     on_dst = not _distributed() or dist.get_rank() == dst
     if not _any_rank(bool(expert_names)):
         return whole if on_dst else None
-    parts = _gather_expert_parts(experts, dst)
+    parts = _gather_expert_parts((experts, list(local_state)), dst)
     if not on_dst:
         return None
-    for part in parts:
+    for part, _ in parts:
         whole.update(part)  # replicated experts (HSDP) arrive once per replica: identical values
-    return {name: whole[name] for name in sorted(whole, key=_natural_key)}
+    return {name: whole[name] for name in _merged_order([order for _, order in parts])}
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
