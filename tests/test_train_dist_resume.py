@@ -147,7 +147,16 @@ def test_aedit_checkpoints_at_sync_points_and_resumes(tmp_path):
     assert saved_global >= 4 and states[1]["optimizer"]["global_inner_steps"] == saved_global
     assert states[0]["optimizer"]["steps_since_sync"] == states[1]["optimizer"]["steps_since_sync"] == 0
 
-    finish(launch("--resume", str(first), "--out", str(tmp_path / "resumed")))
+    assert states[0]["optimizer"]["weighting"]["trackers"]  # the norm penalty's per-worker statistics
+
+    resumed = launch("--resume", str(first), "--out", str(tmp_path / "resumed"))
+    # Meanwhile, 2 -> 1 in this process: it alone must now bring the agreed total to 10 x 1 steps.
+    one = in_process("--resume", str(first), "--out", str(tmp_path / "one"))
+    assert_carried_over(tmp_path / "one", first)
+    final = torch.load(Path(one["checkpoint"]) / "trainer_state" / "state.pt", weights_only=False)
+    assert final["world_size"] == 1 and final["optimizer"]["global_inner_steps"] >= 10
+    assert len(final["optimizer"]["weighting"]["trackers"]) == 1  # remapped to one worker
+    finish(resumed)
     assert_carried_over(tmp_path / "resumed", first)
     syncs = [r for r in rows(tmp_path / "resumed") if r.get("event") == "sync"]
     assert syncs and syncs[0]["global_inner_steps"] > saved_global and syncs[-1]["global_inner_steps"] >= 20
