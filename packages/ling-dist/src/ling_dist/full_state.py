@@ -77,16 +77,6 @@ def _expert_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in experts}
 
 
-def _any_rank(flag: bool) -> bool:
-    """Whether `flag` holds on some rank (expert parallel is on for all ranks or none, but a
-    rank could own no parameter-carrying expert; ask everyone rather than assume)."""
-    if not _distributed():
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def full_model_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor] | None:
     """The whole model on `dst`'s CPU (see the module docstring). Collective."""
     expert_names = _expert_names(model)
@@ -99,7 +89,7 @@ def full_model_state_dict(model: nn.Module, dst: int = 0) -> dict[str, torch.Ten
         else:
             whole[name] = _whole_cpu(tensor)
     on_dst = not _distributed() or dist.get_rank() == dst
-    if not _any_rank(bool(expert_names)):
+    if not expert_names:  # expert parallel splits E/W >= 1 experts onto every rank, or none
         return whole if on_dst else None
     parts = _gather_expert_parts((experts, list(local_state)), dst)
     if not on_dst:
@@ -131,7 +121,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
                 target = expert_state if id(p) in experts else state
                 target[names[id(p)]] = {key: _whole_cpu(value) for key, value in entry.items()}
     on_dst = not _distributed() or dist.get_rank() == dst
-    if _any_rank(bool(experts)):
+    if experts:  # on every rank or none (see full_model_state_dict)
         parts = _gather_expert_parts((expert_state, expert_group_names), dst)
         if on_dst:
             for part_state, part_groups in parts:
