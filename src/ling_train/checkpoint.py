@@ -24,11 +24,14 @@ LATEST = "latest"
 
 
 def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, checkpoints_dir: Path,
-                    step: int, max_shard_bytes: int, rank_states: dict[int, dict[str, Any]] | None = None) -> Path:
-    """`trainer_state` is rank 0's; `rank_states` the other ranks' (rank-R.pt next to state.pt)."""
+                    step: int, max_shard_bytes: int, rank_states: dict[int, dict[str, Any]] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """`trainer_state` is rank 0's; `rank_states` the other ranks' (rank-R.pt next to state.pt).
+    `weights`: the whole model when `model` holds only this rank's shards (FSDP2, expert parallel)."""
     final = checkpoints_dir / f"step-{step}"
     with atomic_directory(final) as tmp:
-        write_hf_files(model, model.config, tmp, max_shard_bytes)
+        write_hf_files(model if weights is None else _WholeWeights(model.config, weights), model.config, tmp,
+                       max_shard_bytes)
         state_dir = tmp / TRAINER_STATE_DIR
         state_dir.mkdir()
         torch.save(trainer_state, state_dir / STATE_FILE)
@@ -39,6 +42,16 @@ def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, 
         (state_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     write_text_atomic(checkpoints_dir / LATEST, final.name + "\n")
     return final
+
+
+class _WholeWeights:
+    """What `write_hf_files` reads from a model (`state_dict()`), for weights gathered elsewhere."""
+
+    def __init__(self, config, weights: dict[str, torch.Tensor]):
+        self.config, self.weights = config, weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.weights
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path:
@@ -82,6 +95,8 @@ def load_trainer_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (expected the trainer state of a checkpoint)") from None
     try:
-        return torch.load(io.BytesIO(data), weights_only=False)
+        # map_location: a checkpoint written on CUDA loads on a CPU-only machine; the optimizer and
+        # Local SGD loaders copy each tensor to its parameter's device.
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises several types for truncated/corrupt pickles
         raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(e).__name__})") from None

@@ -161,11 +161,6 @@ class DistSetup:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def checkpoint_supported(self) -> bool:
-        """Checkpoints need every tensor whole on rank 0: not under FSDP2 shards or split experts."""
-        return self.mode != "fsdp" and not self.expert_parallel
-
 
 def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
     """Join torchrun's group (gloo on CPU, nccl on CUDA); a plain process stays alone."""

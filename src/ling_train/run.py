@@ -19,6 +19,7 @@ from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
 from ling_train.eval_callback import EvalCallback, load_eval_tasks
 from ling_train.config import RunConfig, RunConfigError
+from ling_train import dist_checkpoint
 from ling_train import distributed as dist_run
 from ling_train.perf import measure_matmul_flops
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
@@ -106,20 +107,6 @@ def build_anomaly_monitor(config: RunConfig, loader: PackedLoader, metrics: Metr
     return AnomalyMonitor(anomaly_config, wrapped, metrics.write, Router, out / "anomaly_report.json")
 
 
-def load_resume_state(setup: dist_run.DistSetup, config: RunConfig, resume_from: Path) -> dict:
-    """This rank's trainer state; the checkpoint must come from the same --dist mode and world size."""
-    if not setup.checkpoint_supported or config.dist == "aedit":
-        raise RunConfigError(f"--resume: not supported with --dist {config.dist}"
-                             f"{' and --expert-parallel' if setup.expert_parallel else ''} yet (no checkpoint "
-                             f"is written then); ddp, diloco, edit and none resume")
-    main_state = ckpt.load_trainer_state(resume_from)
-    saved = (main_state.get("dist", "none"), main_state.get("world_size", 1))
-    if saved != (config.dist, setup.world_size):
-        raise RunConfigError(f"--resume {resume_from}: written by --dist {saved[0]} on {saved[1]} process(es); "
-                             f"resuming needs the same, got --dist {config.dist} on {setup.world_size}")
-    return main_state if setup.rank == 0 else ckpt.load_trainer_state(resume_from, setup.rank)
-
-
 def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:
     """Run training as configured; returns a summary (also written to RUN/summary.json by rank 0;
     other ranks return an empty dict)."""
@@ -133,7 +120,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     # Everything that can fail on bad input happens before the run directory is touched.
     check_out_dir(out, resuming=resume_from is not None)
     dist_run.barrier()  # every rank checked before rank 0 writes anything
-    trainer_state = load_resume_state(setup, config, resume_from) if resume_from else None
+    trainer_state = dist_checkpoint.load_resume_state(setup, config, resume_from) if resume_from else None
     eval_tasks = load_eval_tasks(config.eval_tasks) if config.eval_every else None
     torch.manual_seed(config.seed)
     if setup.rank:
@@ -169,18 +156,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     max_shard_bytes = int(config.max_shard_gb * 1024**3)
 
     def save(step: int) -> Path:
-        state = {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size}
-        if setup.world_size > 1:
-            state["params_sha256"] = dist_run.parameters_sha256(model)
-        if setup.local_sgd is not None and setup.rank:  # between syncs each rank's weights are its own
-            state["local_model"] = model.state_dict()
-        states = dist_run.gather_to_main(setup, state if setup.rank else None)
-        path = out / "checkpoints" / f"step-{step}"
-        if setup.is_main:
-            path = ckpt.save_checkpoint(model, state, run_toml, out / "checkpoints", step, max_shard_bytes,
-                                        rank_states=dict(enumerate(states[1:], start=1)))
-        dist_run.barrier()
-        return path
+        return dist_checkpoint.write_checkpoint(setup, config, trainer, model, optimizer, out / "checkpoints", step,
+                                                run_toml, max_shard_bytes)
 
     timer = Timer()
     # A-EDiT ranks take unequal numbers of steps: they stop together once all ranks' steps, as
@@ -190,8 +167,9 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     anomaly = build_anomaly_monitor(config, data.loader, metrics, out)  # one process only (distributed.py)
     callbacks = [RoutingWarmupStep(), metrics, *([anomaly] if anomaly else []),
                  ProgressBar(disable=not progress or not setup.is_main)]
-    if setup.checkpoint_supported:  # periodic checkpoints are collectives: not under A-EDiT's unequal steps
-        callbacks.append(Checkpointer(save, 0 if aedit else config.checkpoint_every))
+    callbacks.append(dist_checkpoint.SyncPointCheckpointer(save, config.checkpoint_every, setup.local_sgd,
+                                                           setup.world_size)
+                     if aedit else Checkpointer(save, config.checkpoint_every))
     callbacks.append(timer)
     if setup.world_size > 1 or setup.local_sgd is not None:
         callbacks.insert(1, dist_run.DistributedLogging(
@@ -203,6 +181,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
                                                  limit=config.eval_limit or None, seed=config.seed))
     if trainer_state is not None:
+        trainer_state = dist_checkpoint.fit_resume_state(trainer_state, setup, model, optimizer, data.loader,
+                                                         resume_from)
         trainer.load_state_dict(trainer_state)
         if "local_model" in trainer_state:
             model.load_state_dict(trainer_state["local_model"])
@@ -218,7 +198,11 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
              config.dist, setup.world_size)
     start_step = trainer.step
     if start_step:
-        metrics.write({"event": "resume", "step": start_step, "from": str(resume_from)})
+        event = {"event": "resume", "step": start_step, "from": str(resume_from),
+                 "from_world_size": trainer_state.get("world_size", 1), "world_size": setup.world_size}
+        if setup.local_sgd is not None:  # what this process holds now, to compare with the checkpoint
+            event.update(dist_checkpoint.local_sgd_fingerprints(setup.local_sgd.state_dict()))
+        metrics.write(event)
     trainer.fit()
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -231,7 +215,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         "tokens_per_s": sum(r["tokens"] for r in steps) / max(sum(r["step_time_s"] for r in steps), 1e-9),
         "mfu": sum(r["mfu"] for r in steps) / max(len(steps), 1),
         "peak_matmul_flops": peak, "wall_time_s": timer.elapsed(),
-        "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")) if setup.checkpoint_supported else None,
+        "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")),
         "dist": config.dist, "world_size": setup.world_size,
     }
     if setup.local_sgd is not None:

@@ -70,3 +70,55 @@ def migration_worker(rank: int, world_size: int, port: int, out_dir: str, load_f
         torch.save({**state, "extra": extra}, out / f"{save_to}.pt")
     save_reshardable(out / save_to, model, optimizer, extra=extra)
     dist.destroy_process_group()
+
+
+def full_state_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """FSDP2 + expert parallel on parallel_testing's tiny MoE, AdamW, two steps; then the whole
+    state (rank 0 saves it) and every rank's local pieces, and the whole state cut back to shards
+    on a freshly wrapped model (saved per rank, for comparison with the trained shards)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+    from parallel_testing import Block, batch, loss_fn
+    from parallel_testing import make_model as make_moe
+    from torch.distributed.tensor import DTensor
+
+    from ling_dist import (apply_expert_parallel, apply_fsdp, expert_parallel_parameters, full_model_state_dict,
+                           full_optimizer_state_dict, init_distributed, local_optimizer_state_dict)
+
+    def wrapped() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = make_moe()
+        apply_expert_parallel(model)
+        apply_fsdp(model, units=[Block], ignored_parameters=expert_parallel_parameters(model))
+        decay = [p for n, p in model.named_parameters() if "bias" not in n]
+        no_decay = [p for n, p in model.named_parameters() if "bias" in n]
+        return model, torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+
+    def local(value):
+        return value.to_local().clone() if isinstance(value, DTensor) else value.clone()
+
+    def local_state(model, optimizer) -> dict:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: {k: local(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+
+    init_distributed(backend="gloo")
+    model, optimizer = wrapped()
+    for step in range(2):
+        optimizer.zero_grad()
+        loss_fn(model, *batch(rank, step)).backward()
+        optimizer.step()
+    weights = full_model_state_dict(model)
+    whole = full_optimizer_state_dict(model, optimizer)
+    assert (weights is None) == (whole is None) == (rank != 0)
+    fresh_model, fresh_optimizer = wrapped()
+    reference = whole if rank == 0 else None
+    shared = [reference]
+    dist.broadcast_object_list(shared, src=0)
+    fresh_optimizer.load_state_dict(local_optimizer_state_dict(fresh_model, fresh_optimizer, shared[0]))
+    out = Path(out_dir)
+    torch.save({"trained": local_state(model, optimizer), "loaded": local_state(fresh_model, fresh_optimizer),
+                "model": {n: local(t) for n, t in model.state_dict().items()}}, out / f"full-rank{rank}.pt")
+    if rank == 0:
+        torch.save({"model": weights, "optimizer": whole}, out / "full.pt")
+    dist.destroy_process_group()

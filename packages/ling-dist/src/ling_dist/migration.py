@@ -81,3 +81,23 @@ def load_resharded(directory: str | os.PathLike, model: nn.Module, optimizer: Op
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optimizer", {}))
     return state["extra"]
+
+
+def local_sgd_state_for_world_size(state: dict[str, Any], new_world_size: int) -> dict[str, Any]:
+    """One rank's `LocalSGD.state_dict()` made loadable at `new_world_size` workers.
+
+    The anchor, the outer optimizer (momentum), the sync counters and the agreed
+    `global_inner_steps` are the same on every rank and carry over unchanged. What a rank keeps
+    for *each* worker (the EDiT/A-EDiT norm penalty's per-worker trackers) is indexed by worker:
+    new worker r takes old worker r mod (old count)'s entry, the same rule a trainer uses to pick
+    which old rank's per-rank state (inner optimizer, weights between syncs) new rank r loads.
+    Returns a shallow copy; `state` is not modified.
+    """
+    if new_world_size < 1:
+        raise ValueError(f"new_world_size={new_world_size}: expected >= 1")
+    state = dict(state)
+    trackers = (state.get("weighting") or {}).get("trackers")
+    if trackers:
+        state["weighting"] = {**state["weighting"],
+                              "trackers": [trackers[r % len(trackers)] for r in range(new_world_size)]}
+    return state

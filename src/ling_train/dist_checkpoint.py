@@ -1,0 +1,177 @@
+"""Checkpoints and resume under several processes: every `--dist` mode, and another world size.
+
+What a checkpoint holds (`RUN/checkpoints/step-N/`, see checkpoint.py for the files):
+- HF-layout weights, whole: rank 0's model, or under `--dist fsdp` / `--expert-parallel` the
+  FSDP2 shards all-gathered and the experts gathered from the ranks that own them.
+- `trainer_state/state.pt` (rank 0) and `rank-R.pt` (rank R): step, scheduler, loader position,
+  RNG, callbacks, and the optimizer: the rank's own (`ddp`, `none`, and the Local SGD family,
+  whose state is the inner optimizer, the anchor, the outer momentum and the sync counters; a
+  Local SGD rank > 0 also saves its own weights, which differ from rank 0's between syncs), or
+  under `fsdp` / `--expert-parallel` one whole optimizer state by parameter name in state.pt
+  (`optimizer_layout: "whole"`), cut back to each rank's shards on load.
+
+Resuming at another world size (same `--dist`): new rank r loads old rank (r mod old size)'s
+per-rank state, i.e. its weights between syncs, inner optimizer state, RNG and within-interval
+counters; the anchor, the outer momentum and the sync counters are the same on every old rank and
+carry over exactly. A checkpoint taken at a sync point (every rank at the anchor) therefore
+migrates exactly; one taken mid-interval drops the progress of old ranks with no new counterpart
+(N -> M < N) or starts several new ranks from one old rank's progress (which the next average
+counts once, since it averages). The loader continues after the windows the old ranks consumed
+this epoch (see `loader_state_for_world_size`). The scheduler continues by step (a step then
+processes batch_size x new world size sequences).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ling_core import CheckpointError
+from ling_dist import (full_model_state_dict, full_optimizer_state_dict, local_optimizer_state_dict,
+                       local_sgd_state_for_world_size)
+from ling_train import checkpoint as ckpt
+from ling_train import distributed as dist_run
+from ling_train.callbacks import Checkpointer
+from ling_train.config import RunConfig, RunConfigError
+
+WHOLE = "whole"  # optimizer_layout: one whole optimizer state by parameter name, in state.pt
+
+
+def whole_layout(config: RunConfig) -> bool:
+    """Whether weights and optimizer are sharded over ranks (FSDP2, expert parallel), so the
+    checkpoint gathers them whole; decided by the flags, not the world size, so that a 1-process
+    `--dist fsdp` run writes the same format a 4-process one reads."""
+    return config.dist == "fsdp" or bool(config.expert_parallel)
+
+
+def write_checkpoint(setup: dist_run.DistSetup, config: RunConfig, trainer, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, checkpoints_dir: Path, step: int, run_toml: str,
+                     max_shard_bytes: int) -> Path:
+    """Collective: every rank calls it at the same point; rank 0 writes."""
+    state = {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size}
+    weights = None
+    if whole_layout(config):
+        weights = full_model_state_dict(model)
+        state["optimizer"] = full_optimizer_state_dict(model, optimizer)  # None on ranks > 0
+        state["optimizer_layout"] = WHOLE
+    elif setup.world_size > 1:
+        state["params_sha256"] = dist_run.parameters_sha256(model)
+    if setup.local_sgd is not None and setup.rank:  # between syncs each rank's weights are its own
+        state["local_model"] = model.state_dict()
+    states = dist_run.gather_to_main(setup, state if setup.rank else None)
+    path = checkpoints_dir / f"step-{step}"
+    if setup.is_main:
+        path = ckpt.save_checkpoint(model, state, run_toml, checkpoints_dir, step, max_shard_bytes,
+                                    rank_states=dict(enumerate(states[1:], start=1)), weights=weights)
+    dist_run.barrier()
+    return path
+
+
+class SyncPointCheckpointer(Checkpointer):
+    """A-EDiT's periodic checkpoints. Its ranks take unequal numbers of steps, so `step % every`
+    would put one rank in the checkpoint's collectives while the others train on. Instead every
+    rank saves right after the sync point at which the ranks' total steps, as agreed there
+    (`global_inner_steps`), pass a multiple of `every` x world size: all ranks see the same total
+    at the same sync, and right after a sync every rank's weights are the anchor."""
+
+    def __init__(self, save: Callable[[int], Path], every: int, local_sgd, world_size: int):
+        super().__init__(save, every)
+        self.local_sgd = local_sgd
+        self.every_global = every * world_size
+        self.saved_mark = 0
+
+    def on_train_start(self, trainer) -> None:
+        if self.every_global:
+            self.saved_mark = self.local_sgd.global_inner_steps // self.every_global
+
+    def post_step(self, trainer, step: int, metrics: dict[str, Any]) -> None:
+        if not self.every_global:
+            return
+        mark = self.local_sgd.global_inner_steps // self.every_global
+        if mark > self.saved_mark:
+            self.saved_mark = mark
+            self._save(trainer, step)
+
+
+def load_resume_state(setup: dist_run.DistSetup, config: RunConfig, resume_from: Path) -> dict:
+    """The trainer state this rank resumes from (see the module docstring for the rank rule);
+    the checkpoint must come from the same --dist mode. A whole-layout checkpoint (fsdp, expert
+    parallel) resumes with or without expert parallel, at any expert-parallel degree."""
+    main_state = ckpt.load_trainer_state(resume_from)
+    saved_dist, saved_world = main_state.get("dist", "none"), main_state.get("world_size", 1)
+    if saved_dist != config.dist:
+        raise RunConfigError(f"--resume {resume_from}: written by --dist {saved_dist}, this run has --dist "
+                             f"{config.dist}; resuming needs the same --dist (the process count may differ)")
+    saved_whole = main_state.get("optimizer_layout") == WHOLE
+    if whole_layout(config) and not saved_whole:  # per-rank states by position cannot be cut into shards
+        raise RunConfigError(f"--resume {resume_from}: written without --expert-parallel (optimizer state by "
+                             f"position); resume it without --expert-parallel")
+    source = setup.rank % saved_world
+    state = main_state if source == 0 else ckpt.load_trainer_state(resume_from, source)
+    if saved_whole:
+        state = {**state, "optimizer": main_state["optimizer"], "optimizer_layout": WHOLE}
+    return state
+
+
+def loader_state_for_world_size(state: dict[str, Any], loader) -> dict[str, Any]:
+    """A loader position saved at another world size, for `loader` (built at this one).
+
+    Both loaders (PackedLoader, TokenLoader) fix an epoch's window order independently of the
+    world size and hand out consecutive global batches of batch_size x world_size windows, so
+    after position p the old ranks together consumed the first p x batch_size x old world
+    windows. The new loader starts at the first global batch boundary at or after that window:
+    nothing is seen twice within the epoch; when that count is not a multiple of the new global
+    batch (e.g. 1 -> 2 ranks at an odd step), fewer than one new global batch of windows is
+    skipped, the same way each epoch's remainder is. N -> 1 never skips. Past the epoch's last
+    whole global batch: the next epoch, from its start.
+    """
+    key = "position" if "position" in state else "batch"  # PackedLoader / TokenLoader
+    consumed = state[key] * state["world_size"] * loader.batch_size
+    global_batch = loader.batch_size * loader.world_size
+    position, epoch = -(-consumed // global_batch), state["epoch"]
+    if position >= loader.batches_per_epoch:
+        position, epoch = 0, epoch + 1
+    return {**state, key: position, "epoch": epoch, "world_size": loader.world_size}
+
+
+def fit_resume_state(state: dict[str, Any], setup: dist_run.DistSetup, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, loader, resume_from: Path) -> dict[str, Any]:
+    """`state` from `load_resume_state`, adapted to this rank once the model is wrapped and the
+    optimizer and loader are built: the whole optimizer state cut to this rank's shards, and at
+    another world size the loader position and Local SGD per-worker state remapped."""
+    state = dict(state)
+    if state.get("optimizer_layout") == WHOLE:
+        try:
+            state["optimizer"] = local_optimizer_state_dict(model, optimizer, state["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(f"{resume_from}: {e}") from None
+    if state.get("world_size", 1) != setup.world_size:
+        state["loader"] = loader_state_for_world_size(state["loader"], loader)
+        if setup.local_sgd is not None:
+            state["optimizer"] = local_sgd_state_for_world_size(state["optimizer"], setup.world_size)
+    cuda_states = state["rng"]["cuda"]
+    if cuda_states and len(cuda_states) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        state["rng"] = {**state["rng"], "cuda": []}  # another machine's GPUs: nothing to restore them to
+    return state
+
+
+def tensors_sha256(tensors) -> str:
+    """A fingerprint of a sequence of tensors (values, dtypes and shapes), device-independent."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def local_sgd_fingerprints(local_sgd_state: dict[str, Any]) -> dict[str, str]:
+    """Fingerprints of the anchor and the outer momentum in a `LocalSGD.state_dict()`, so a
+    resumed run can show (in its `resume` event) that it holds exactly what was saved."""
+    outer = local_sgd_state["outer_optimizer"]["state"]
+    momentum = [outer[i]["momentum_buffer"] for i in sorted(outer) if "momentum_buffer" in outer[i]]
+    return {"anchor_sha256": tensors_sha256(local_sgd_state["anchor"]),
+            "outer_momentum_sha256": tensors_sha256(momentum)}
