@@ -8,6 +8,8 @@ the longer scenarios are marked slow.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def test_resuming_a_checkpoint_of_another_layout_exits_2_with_one_line(tmp_path)
     assert main(["--config", str(config), "--steps", "1", "--out", str(tmp_path / "single"), "--no-progress"]) == 0
     step1 = tmp_path / "single" / "checkpoints" / "step-1"
     mismatched = launch("--resume", str(step1), "--steps", "2", "--out", str(tmp_path / "mismatched"), "--dist", "ddp")
-    assert_one_line_exit_2(mismatched, f"--resume {step1}: written by --dist none on 1 process(es)")
+    assert_one_line_exit_2(mismatched, f"--resume {step1}: written by --dist none, this run has --dist ddp")
 
 
 def test_edit_resume_mid_interval_reproduces_the_uninterrupted_run(tmp_path):

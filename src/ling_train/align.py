@@ -200,7 +200,7 @@ class AlignmentReport:
                  f"- loss: {self.loss_a:.6f} vs {self.loss_b:.6f} "
                  f"(relative difference {abs(self.loss_a - self.loss_b) / max(abs(self.loss_a), 1e-30):.2e})",
                  f"- tolerance (max relative error): {self.tolerance:g}",
-                 f"- first module beyond tolerance: " + (f"**`{first.name}`** ({first.worst():.2e})" if first
+                 "- first module beyond tolerance: " + (f"**`{first.name}`** ({first.worst():.2e})" if first
                                                          else "none"), ""]
         if plot_name:
             lines += [f"![per-module relative error]({plot_name})", ""]

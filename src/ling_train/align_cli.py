@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
 
     from ling_core import CheckpointError, ConfigError, build_model, from_pretrained
     from ling_train.align import Setting, SettingError, align
-    from ling_train.config import RunConfig, RunConfigError, load_toml, resolve
+    from ling_train.config import RunConfigError, load_toml, resolve
 
     try:
         a, b = Setting.parse(args.a), Setting.parse(args.b)

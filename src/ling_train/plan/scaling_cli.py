@@ -9,7 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
-from ling_train.scaling import FitError, fit_scaling, load_runs, plot_fit
+from ling_train.scaling import fit_scaling, load_runs, plot_fit
 
 
 class SweepError(ValueError):
