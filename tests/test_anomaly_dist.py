@@ -22,54 +22,28 @@ from ling_train.cli import main
 from ling_train.distributed import LocalSGDOptimizer
 from ling_train.trainer import Callback, Trainer, TrainerSettings
 
-# importlib mode does not make test modules importable: the single-process test's loader and model
+# importlib mode does not make test modules importable: reuse the single-process tests' loader and
+# model, and the multi-process tests' config and launch helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_anomaly import TokenLoader, tiny_model  # noqa: E402
+from test_train_dist import finish, write_config  # noqa: E402
 
 WORKER = Path(__file__).with_name("anomaly_dist_worker.py")
 
-TINY = """seq_len = 32
-batch_size = 4
-warmup_steps = 2
-lr = 0.05
-optimizer = "sgd"
-grad_clip = 0.0
-weight_decay = 0.0
-checkpoint_every = 0
-steps = 14
-[model]
-vocab_size = 512
-hidden_size = 64
-intermediate_size = 128
-num_hidden_layers = 2
-num_attention_heads = 2
-num_key_value_heads = 1
-head_dim = 32
-num_experts = 4
-moe_intermediate_size = 32
-[anomaly]
-min_history = 4
-on_grad_spike = "log"
-on_nonfinite = "skip"
-"""
+SGD = 'optimizer = "sgd"\ngrad_clip = 0.0\nweight_decay = 0.0\ncheckpoint_every = 0\nsteps = 14\n'
+ANOMALY = '\n[anomaly]\nmin_history = 4\non_grad_spike = "log"\non_nonfinite = "skip"\n'
 
 
 def launch(tmp_path: Path, name: str, faults: dict) -> subprocess.Popen:
     """`ling-train --nproc 3 --dist edit --sync-every 1` under torchrun, with `faults` injected by
     tests/anomaly_dist_worker.py (ling-train's own CLI otherwise)."""
-    config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
+    config = write_config(tmp_path, f"{name}.toml", lr=0.05, extra=SGD)  # test_train_dist's tiny model
+    config.write_text(config.read_text() + ANOMALY)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ANOMALY_TEST_FAULTS": json.dumps(faults)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", str(WORKER),
                "--config", str(config), "--dist", "edit", "--sync-every", "1", "--out", str(tmp_path / name),
                "--no-progress"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish(process: subprocess.Popen) -> dict:
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-3000:]
-    return json.loads(stdout[stdout.index("{"):])
 
 
 def events(run: Path) -> list[dict]:
