@@ -74,7 +74,12 @@ def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: in
         loader = TokenLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
                              rank=rank, world_size=world_size)
         tokenizer_path = Path(config.data) / manifest.get("tokenizer", "tokenizer.model")
-        return Data(loader, tokenizer_path if tokenizer_path.is_file() else None, loader.tokens, loader.documents)
+
+        def describe_shard_batch(position: dict[str, int]) -> dict[str, Any]:
+            return {"documents": loader.batch_documents(position["epoch"], position["position"])}
+
+        return Data(loader, tokenizer_path if tokenizer_path.is_file() else None, loader.tokens, loader.documents,
+                    describe_shard_batch)
     if config.data and not Path(config.data).exists():
         raise DataError(f"--data: {config.data} does not exist (expected a file or directory of .txt/.jsonl documents)")
     documents = read_text_documents(config.data) if config.data else embedded_corpus()

@@ -82,6 +82,38 @@ def test_batches_follow_the_documented_order_and_ranks_partition(tmp_path, seed,
         loader.close()
 
 
+def reference_owners(shards, seq_len: int, seed: int, epoch: int) -> list[list[int]]:
+    """Like reference_epoch, but each token replaced by its document's number across the directory
+    (a document's EOS belongs to it)."""
+    first = np.cumsum([0] + [len(documents) for documents in shards])
+    windows = []
+    for shard in np.random.default_rng([seed, epoch]).permutation(len(shards)).tolist():
+        owners = [int(first[shard]) + d for d, document in enumerate(shards[shard]) for _ in range(len(document) + 1)]
+        starts = np.arange((len(owners) - 1) // seq_len) * seq_len
+        np.random.default_rng([seed, epoch, shard]).shuffle(starts)
+        windows += [owners[s:s + seq_len + 1] for s in starts.tolist()]
+    return windows
+
+
+@props
+@given(seed=st.integers(0, 2**16), seq_len=st.integers(1, 16), batch_size=st.integers(1, 4),
+       world_size=st.integers(1, 3))
+def test_batch_documents_name_the_documents_each_row_comes_from(tmp_path, seed, seq_len, batch_size,
+                                                                world_size) -> None:
+    shards = random_shards(np.random.default_rng(seed), 3)
+    directory = write_shard_dir(tmp_path / f"d{seed}", shards)
+    if sum(len(reference_epoch([s], seq_len, seed, 0)) for s in shards) < batch_size * world_size:
+        return  # too few windows: the constructor refuses (tested above)
+    for rank in range(world_size):
+        loader = TokenLoader(directory, seq_len, batch_size, seed=seed, rank=rank, world_size=world_size, prefetch=0)
+        for epoch in range(2):
+            owners = reference_owners(shards, seq_len, seed, epoch)
+            for batch in range(loader.batches_per_epoch):
+                first = (batch * world_size + rank) * batch_size
+                expected = [[min(w), max(w)] for w in owners[first:first + batch_size]]
+                assert loader.batch_documents(epoch, batch) == expected
+
+
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_sees_exactly_the_uninterrupted_tokens(tmp_path: Path, prefetch: int) -> None:
     directory = write_shard_dir(tmp_path, random_shards(np.random.default_rng(0), 4))

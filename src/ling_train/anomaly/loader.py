@@ -32,12 +32,9 @@ class AnomalyLoader:
         self.last_position: dict[str, int] = {}
         self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _position(self) -> dict[str, int]:
-        return {k: getattr(self.inner, k) for k in ("epoch", "position") if hasattr(self.inner, k)}
-
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
-            position = self._position()
+            position = loader_position(self.inner)
             input_ids, labels = self.inner.next_batch()
             index = self.batches_drawn
             self.batches_drawn += 1
@@ -88,3 +85,12 @@ def identify(position: dict[str, Any], describe: Callable[[dict[str, int]], dict
     if describe is None or not {"epoch", "position"} <= position.keys():
         return position
     return {**position, **describe(position)}
+
+
+def loader_position(loader: Any) -> dict[str, int]:
+    """Where `loader` is in its order, i.e. the place of the batch it serves next: {"epoch",
+    "position"} (PackedLoader's names; TokenLoader calls the position in the epoch `batch`)."""
+    if not hasattr(loader, "epoch"):
+        return {}
+    position = loader.position if hasattr(loader, "position") else getattr(loader, "batch", None)
+    return {"epoch": loader.epoch, **({"position": position} if isinstance(position, int) else {})}

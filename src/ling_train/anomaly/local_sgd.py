@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from ling_dist import LocalSGD
-from ling_train.anomaly.loader import identify
+from ling_train.anomaly.loader import identify, loader_position
 from ling_train.anomaly.monitor import AnomalyMonitor
 from ling_train.trainer import Callback, Trainer
 
@@ -52,7 +52,7 @@ class LocalSGDAnomalies(Callback):
     def pre_step(self, trainer: Trainer, step: int) -> None:
         # Without an AnomalyLoader nothing skips batches: the loader's position before the draw
         # is the position of the batch this step trains on.
-        self.position = {k: getattr(trainer.loader, k) for k in ("epoch", "position") if hasattr(trainer.loader, k)}
+        self.position = loader_position(trainer.loader)
 
     def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
         loader = trainer.loader
