@@ -34,11 +34,11 @@ SGD = 'optimizer = "sgd"\ngrad_clip = 0.0\nweight_decay = 0.0\ncheckpoint_every 
 ANOMALY = '\n[anomaly]\nmin_history = 4\non_grad_spike = "log"\non_nonfinite = "skip"\n'
 
 
-def launch(tmp_path: Path, name: str, faults: dict) -> subprocess.Popen:
+def launch(tmp_path: Path, name: str, faults: dict, anomaly: bool) -> subprocess.Popen:
     """`ling-train --nproc 3 --dist edit --sync-every 1` under torchrun, with `faults` injected by
-    tests/anomaly_dist_worker.py (ling-train's own CLI otherwise)."""
+    tests/anomaly_dist_worker.py (ling-train's own CLI otherwise), with or without `[anomaly]`."""
     config = write_config(tmp_path, f"{name}.toml", lr=0.05, extra=SGD)  # test_train_dist's tiny model
-    config.write_text(config.read_text() + ANOMALY)
+    config.write_text(config.read_text() + (ANOMALY if anomaly else ""))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ANOMALY_TEST_FAULTS": json.dumps(faults)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", str(WORKER),
                "--config", str(config), "--dist", "edit", "--sync-every", "1", "--out", str(tmp_path / name),
@@ -61,10 +61,12 @@ def test_poisoned_workers_are_caught_and_the_weights_equal_the_clean_reference(t
     must skip. The reference is the clean run (no extra batch on rank 2) in which rank 1's
     pseudo-gradient is given weight 0 at sync 12 (its tracker untouched, as for an outlier): dropping
     a worker is exactly that, and after the sync every worker restarts from the anchor with no
-    trace of the fault (SGD keeps no state), so the final weights must be bitwise equal."""
+    trace of the fault (SGD keeps no state), so the final weights must be bitwise equal. The
+    reference runs without `[anomaly]`: its exclusion row names rank 1's batch from the loader's
+    own position (no AnomalyLoader), which must agree with the poisoned run's."""
     poisoned = launch(tmp_path, "poisoned", {"scale": {"rank": 1, "forward": 12, "factor": 1000},
-                                             "nan_batch": {"rank": 2, "draw": 6}})
-    reference = launch(tmp_path, "reference", {"force_exclude": {"rank": 1, "sync": 12}})
+                                             "nan_batch": {"rank": 2, "draw": 6}}, anomaly=True)
+    reference = launch(tmp_path, "reference", {"force_exclude": {"rank": 1, "sync": 12}}, anomaly=False)
     poisoned_summary, reference_summary = finish(poisoned), finish(reference)
     assert poisoned_summary["steps"] == reference_summary["steps"] == 14
 
@@ -83,6 +85,9 @@ def test_poisoned_workers_are_caught_and_the_weights_equal_the_clean_reference(t
     assert nonfinite[0]["batch"] == 6 and nonfinite[0]["response"] == "skip"
     assert nonfinite[0]["statistic"] == {"grad_norm": "nan"}
     assert any(e["event"] == "grad_spike" and e["rank"] == 1 and e["step"] == 12 for e in found)
+    [forced] = [e for e in events(tmp_path / "reference") if e.get("detector") == "pseudo_gradient_outlier"]
+    assert (forced["rank"], forced["step"], forced["statistic"]["z"] < 3.0) == (1, 12, True)  # a forced exclusion
+    assert forced["batches"] == [{k: v for k, v in batch.items() if k != "batch"}]  # same epoch, position, documents
 
     a = from_pretrained(tmp_path / "poisoned" / "checkpoints" / "step-14").state_dict()
     b = from_pretrained(tmp_path / "reference" / "checkpoints" / "step-14").state_dict()
