@@ -112,6 +112,10 @@ def build_config(args: argparse.Namespace):
             raise UsageError("--nproc: several processes need --dist ddp, fsdp, diloco, edit or aedit")
         if config.expert_parallel and args.nproc % config.expert_parallel:
             raise UsageError(f"--expert-parallel {config.expert_parallel}: must divide --nproc {args.nproc}")
+        if config.anomaly is not None:  # before relaunching, so the refusal is one line, not one per rank
+            from ling_train.anomaly.config import check_workers
+            check_workers(config.anomaly_config(args.config or "flags"), config.dist, args.nproc,
+                          args.config or "flags")
     if not config.out:
         config.out = default_out(config.size)
     return config, resume_from

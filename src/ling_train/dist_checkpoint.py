@@ -149,7 +149,12 @@ def fit_resume_state(state: dict[str, Any], setup: dist_run.DistSetup, model: to
         except ValueError as e:
             raise CheckpointError(f"{resume_from}: {e}") from None
     if state.get("world_size", 1) != setup.world_size:
-        state["loader"] = loader_state_for_world_size(state["loader"], loader)
+        saved_loader = state["loader"]
+        if "batches_drawn" in saved_loader:  # [anomaly]'s re-injecting wrapper around the data loader
+            # Its skip set and pending rows are per old rank; at another world size only the
+            # plain position carries over (AnomalyLoader accepts a bare inner state).
+            saved_loader = saved_loader["inner"]
+        state["loader"] = loader_state_for_world_size(saved_loader, getattr(loader, "inner", loader))
         if setup.local_sgd is not None:
             state["optimizer"] = local_sgd_state_for_world_size(state["optimizer"], setup.world_size)
     cuda_states = state["rng"]["cuda"]

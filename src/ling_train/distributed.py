@@ -183,9 +183,9 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
     if config.eval_every and world_size > 1:
         raise RunConfigError("--eval-every: in-training eval is not wired for several processes yet; "
                              "evaluate the checkpoints with ling-eval")
-    if config.anomaly is not None and world_size > 1:
-        raise RunConfigError("[anomaly]: anomaly handling is not wired for several processes yet (a skipped "
-                             "update on one rank would desynchronise the collectives); run it with one process")
+    if config.anomaly is not None:
+        from ling_train.anomaly.config import check_workers
+        check_workers(config.anomaly_config(), config.dist, world_size)
     setup = DistSetup(config.dist, rank, world_size, device)
     setup.expert_parallel = config.expert_parallel if world_size > 1 else 0
     return setup

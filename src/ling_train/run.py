@@ -8,6 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -61,6 +62,8 @@ class Data:
     tokenizer_path: Path | None
     tokens: int
     documents: int
+    # batch position {"epoch", "position"} -> {"documents": [[first, last] per row]} (anomaly events)
+    describe_batch: Callable[[dict[str, int]], dict[str, Any]] | None = None
 
 
 def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: int = 1) -> Data:
@@ -72,7 +75,12 @@ def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: in
         loader = TokenLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
                              rank=rank, world_size=world_size)
         tokenizer_path = Path(config.data) / manifest.get("tokenizer", "tokenizer.model")
-        return Data(loader, tokenizer_path if tokenizer_path.is_file() else None, loader.tokens, loader.documents)
+
+        def describe_shard_batch(position: dict[str, int]) -> dict[str, Any]:
+            return {"documents": loader.batch_documents(position["epoch"], position["position"])}
+
+        return Data(loader, tokenizer_path if tokenizer_path.is_file() else None, loader.tokens, loader.documents,
+                    describe_shard_batch)
     if config.data and not Path(config.data).exists():
         raise DataError(f"--data: {config.data} does not exist (expected a file or directory of .txt/.jsonl documents)")
     documents = read_text_documents(config.data) if config.data else embedded_corpus()
@@ -87,7 +95,12 @@ def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: in
     stream = pack_documents(tokenizer.encode_batch(documents), tokenizer.eos_id)
     loader = PackedLoader(stream, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
                           rank=rank, world_size=world_size)
-    return Data(loader, tokenizer.model_path, int(stream.numel()), len(documents))
+    eos_id = tokenizer.eos_id
+
+    def describe_batch(position: dict[str, int]) -> dict[str, Any]:
+        return {"documents": loader.batch_documents(position["epoch"], position["position"], eos_id)}
+
+    return Data(loader, tokenizer.model_path, int(stream.numel()), len(documents), describe_batch)
 
 
 def check_out_dir(out: Path, resuming: bool) -> None:
@@ -96,15 +109,17 @@ def check_out_dir(out: Path, resuming: bool) -> None:
                              f"another --out (nothing was overwritten)")
 
 
-def build_anomaly_monitor(config: RunConfig, loader: PackedLoader, metrics: MetricsLogger, out: Path):
-    """The `[anomaly]` table's monitor around a re-injecting loader, or None when it is absent."""
+def build_anomaly_monitor(config: RunConfig, data: Data, metrics: MetricsLogger, out: Path, workers: int = 1):
+    """The `[anomaly]` table's monitor around a re-injecting loader, or None when it is absent.
+    `workers` > 1: Local SGD workers, each with its own monitor (ling_train.anomaly.local_sgd)."""
     anomaly_config = config.anomaly_config()
     if anomaly_config is None or not anomaly_config.enabled:
         return None
     from ling_core.moe import Router
     from ling_train.anomaly import AnomalyLoader, AnomalyMonitor
-    wrapped = AnomalyLoader(loader, seed=config.seed, rows_per_batch=anomaly_config.reinject_rows_per_batch)
-    return AnomalyMonitor(anomaly_config, wrapped, metrics.write, Router, out / "anomaly_report.json")
+    wrapped = AnomalyLoader(data.loader, seed=config.seed, rows_per_batch=anomaly_config.reinject_rows_per_batch,
+                            describe=data.describe_batch)
+    return AnomalyMonitor(anomaly_config, wrapped, metrics.write, Router, out / "anomaly_report.json", workers)
 
 
 def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:
@@ -164,9 +179,15 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     # agreed at a sync point, reach steps x ranks (the per-rank cap is only a backstop).
     aedit = setup.local_sgd is not None and config.dist == "aedit"
     total_steps = config.steps * setup.world_size * 100 if aedit else config.steps
-    anomaly = build_anomaly_monitor(config, data.loader, metrics, out)  # one process only (distributed.py)
+    anomaly = build_anomaly_monitor(config, data, metrics, out, setup.world_size)  # checked: check_workers
+    if anomaly is not None and not setup.is_main:
+        anomaly.report_path = None  # rank 0 writes the run directory; every rank's events reach metrics.jsonl
     callbacks = [RoutingWarmupStep(), metrics, *([anomaly] if anomaly else []),
                  ProgressBar(disable=not progress or not setup.is_main)]
+    if setup.local_sgd is not None:  # outlier workers and every rank's anomaly rows, at sync points
+        from ling_train.anomaly.local_sgd import LocalSGDAnomalies
+        callbacks.insert(callbacks.index(metrics) + 1 + bool(anomaly), LocalSGDAnomalies(
+            setup.rank, setup.world_size, setup.local_sgd, metrics.write, data.describe_batch, anomaly))
     callbacks.append(dist_checkpoint.SyncPointCheckpointer(save, config.checkpoint_every, setup.local_sgd,
                                                            setup.world_size)
                      if aedit else Checkpointer(save, config.checkpoint_every))

@@ -43,11 +43,14 @@ def random_shards(rng: np.random.Generator, count: int) -> list[list[list[int]]]
             for _ in range(count)]
 
 
-def reference_epoch(shards, seq_len: int, seed: int, epoch: int) -> list[list[int]]:
-    """The documented epoch order, written plainly: a list of windows of seq_len + 1 tokens."""
+def reference_epoch(shards, seq_len: int, seed: int, epoch: int, documents: bool = False) -> list[list[int]]:
+    """The documented epoch order, written plainly: a list of windows of seq_len + 1 tokens
+    (`documents`: each token replaced by its document's number across the directory, EOS included)."""
+    first = np.cumsum([0] + [len(shard_documents) for shard_documents in shards])
     windows = []
     for shard in np.random.default_rng([seed, epoch]).permutation(len(shards)).tolist():
-        stream = [t for document in shards[shard] for t in [*document, EOS]]
+        stream = [int(first[shard]) + d if documents else t
+                  for d, document in enumerate(shards[shard]) for t in [*document, EOS]]
         starts = np.arange((len(stream) - 1) // seq_len) * seq_len
         np.random.default_rng([seed, epoch, shard]).shuffle(starts)
         windows += [stream[s:s + seq_len + 1] for s in starts.tolist()]
@@ -80,6 +83,25 @@ def test_batches_follow_the_documented_order_and_ranks_partition(tmp_path, seed,
                 assert torch.equal(inputs, windows[:, :-1]) and torch.equal(labels, windows[:, 1:])
     for loader in loaders:
         loader.close()
+
+
+@props
+@given(seed=st.integers(0, 2**16), seq_len=st.integers(1, 16), batch_size=st.integers(1, 4),
+       world_size=st.integers(1, 3))
+def test_batch_documents_name_the_documents_each_row_comes_from(tmp_path, seed, seq_len, batch_size,
+                                                                world_size) -> None:
+    shards = random_shards(np.random.default_rng(seed), 3)
+    directory = write_shard_dir(tmp_path / f"d{seed}", shards)
+    if sum(len(reference_epoch([s], seq_len, seed, 0)) for s in shards) < batch_size * world_size:
+        return  # too few windows: the constructor refuses (tested above)
+    for rank in range(world_size):
+        loader = TokenLoader(directory, seq_len, batch_size, seed=seed, rank=rank, world_size=world_size, prefetch=0)
+        for epoch in range(2):
+            owners = reference_epoch(shards, seq_len, seed, epoch, documents=True)
+            for batch in range(loader.batches_per_epoch):
+                first = (batch * world_size + rank) * batch_size
+                expected = [[min(w), max(w)] for w in owners[first:first + batch_size]]
+                assert loader.batch_documents(epoch, batch) == expected
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])

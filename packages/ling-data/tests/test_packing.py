@@ -200,3 +200,33 @@ def test_any_ranks_state_restores_every_rank() -> None:
         restored = PackedLoader(stream, 4, 2, rank=rank, world_size=3)
         restored.load_state_dict(state)
         assert torch.equal(restored.next_batch()[0], loader.next_batch()[0])
+
+
+@quick
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=25),
+    seq_len=st.integers(1, 6),
+    world_size=st.integers(1, 3),
+    data=st.data(),
+)
+def test_batch_documents_name_the_documents_each_row_comes_from(lengths, seq_len, world_size, data) -> None:
+    """Reference: label every token of the packed stream with its document (its EOS included),
+    then read the labels of each served row's seq_len + 1 tokens."""
+    eos = 0
+    stream = pack_documents([[d + 1] * n for d, n in enumerate(lengths)], eos)  # tokens never equal EOS
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths) + 1)
+    batch_size = data.draw(st.integers(1, 3))
+    if (len(stream) - 1) // seq_len < batch_size * world_size:
+        return
+    rank = data.draw(st.integers(0, world_size - 1))
+    loader = PackedLoader(stream, seq_len, batch_size, seed=data.draw(st.integers(0, 99)), rank=rank,
+                          world_size=world_size)
+    for _ in range(loader.batches_per_epoch + 2):  # into the next epoch too
+        epoch, position = loader.epoch, loader.position
+        inputs, labels = loader.next_batch()
+        documents = loader.batch_documents(epoch, position, eos)
+        for row, (first, last) in enumerate(documents):
+            offset = int(loader.window_indices(epoch, position)[row]) * seq_len
+            assert torch.equal(stream[offset:offset + seq_len], inputs[row])
+            touched = owner[offset:offset + seq_len + 1]
+            assert (first, last) == (int(touched.min()), int(touched.max()))

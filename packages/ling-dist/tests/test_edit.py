@@ -66,8 +66,11 @@ def test_anomaly_elimination_after_warmup() -> None:
     for _ in range(8):
         noise = (torch.rand(3, generator=generator) * 0.2).tolist()
         assert penalty.weigh([1, 1, 1], [1, 1, 1], [1.0 + x for x in noise]).excluded == []
+    expected_z = [penalty.trackers[r].z_score(n, 0.1) for r, n in enumerate([1.1, 9.0, 0.2])]
     spike = penalty.weigh([1, 1, 1], [1, 1, 1], [1.1, 9.0, 0.2])  # a spike is dropped, a dip is not
     assert spike.excluded == [1] and spike.weights == [0.5, 0.0, 0.5]
+    # the statistic the decision used, before the trackers saw this sync: exposed for anomaly logging
+    assert spike.z_scores == expected_z and spike.z_scores[1] > penalty.z_threshold > spike.z_scores[0]
     count = penalty.trackers[1].count
     penalty.weigh([1, 1, 1], [1, 1, 1], [1.0, 9.0, 1.0])
     assert penalty.trackers[1].count == count  # outliers do not teach the tracker that spikes are normal
@@ -77,7 +80,7 @@ def test_anomaly_elimination_after_warmup() -> None:
 def test_non_finite_norm_is_excluded_even_during_warmup() -> None:
     penalty = PseudoGradientPenalty()
     result = penalty.weigh([4, 4], [1, 1], [float("nan"), 1.0])
-    assert result.excluded == [0] and result.weights == [0.0, 1.0]
+    assert result.excluded == [0] and result.weights == [0.0, 1.0] and result.z_scores == [math.inf, 0.0]
     assert penalty.weigh([4, 4], [1, 1], [1.0, float("inf")]).excluded == [1]
 
 

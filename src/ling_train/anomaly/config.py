@@ -99,3 +99,34 @@ def anomaly_config(table: dict[str, Any], source: str = "config") -> AnomalyConf
     config = AnomalyConfig(**values)
     config.validate(source)
     return config
+
+
+# Under several processes only the Local SGD modes whose inner steps are local, and whose penalty
+# drops a worker with a non-finite pseudo-gradient, can let one rank skip an update.
+WORKER_LOCAL_MODES = ("edit", "aedit")
+RANK_LOCAL_RESPONSES = ("log", "skip", "skip_reinject", "lower_lr")
+
+
+def check_workers(config: AnomalyConfig, dist: str, processes: int, source: str = "config") -> None:
+    """Refuse (one line) an `[anomaly]` table that would desynchronise several processes.
+
+    Under EDiT / A-EDiT each rank takes its inner steps alone, so a rank may drop or re-inject a
+    batch (it reaches the next sync one batch later, at the same step count as the others) or lower
+    its own learning rate. Rolling back or aborting on one rank would restore rank-local copies of
+    the step and sync counters, so they are refused; a stop is agreed at the next sync point instead.
+    """
+    if processes <= 1 or not config.enabled:
+        return
+    if dist in ("ddp", "fsdp"):
+        raise AnomalyConfigError(f"{source}: [anomaly] with --dist {dist} on {processes} processes: every rank must "
+                                 f"take every update together (a skipped update on one rank would desynchronise "
+                                 f"the gradient collectives); use --dist edit or aedit, whose inner steps are local")
+    if dist not in WORKER_LOCAL_MODES:
+        raise AnomalyConfigError(f"{source}: [anomaly] with --dist {dist} on {processes} processes: DiLoCo averages "
+                                 f"every worker's pseudo-gradient, so a worker whose weights went non-finite would "
+                                 f"poison the shared model; use --dist edit or aedit, whose penalty drops it")
+    for key, response in config.detector_responses.items():
+        if response not in RANK_LOCAL_RESPONSES:
+            raise AnomalyConfigError(f"{source}: [anomaly] on_{key} = {response!r} with {processes} processes: a "
+                                     f"rank-local {response} would put that rank's step and sync counters out of "
+                                     f"step with the others; expected one of {', '.join(RANK_LOCAL_RESPONSES)}")

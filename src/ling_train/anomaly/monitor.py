@@ -13,7 +13,14 @@ several fire: log < lower_lr < skip < skip_reinject < rollback < abort.
 - abort: restore the last good snapshot (if any), stop, and say why.
 Every intervention counts against `max_interventions`; past it the run aborts. Every event is a
 row of metrics.jsonl: {"event", "step", "detector", "statistic", "batch", "epoch", "position",
-"response"}.
+"documents", "response"}.
+
+With several Local SGD workers (`workers > 1`, EDiT / A-EDiT; `check_workers` refuses the rest)
+every response stays on this rank: skip, re-inject and lower_lr need no other rank, and this rank
+still reaches each sync after the same number of updates. What would restore rank-local state
+(rollback, abort, non-finite weights) becomes a *stop request* instead: this rank keeps stepping,
+and `LocalSGDAnomalies` stops every rank together after the next sync point, where EDiT's penalty
+drops a non-finite pseudo-gradient. No snapshots are taken then.
 """
 
 from __future__ import annotations
@@ -59,8 +66,10 @@ class Snapshot:
 
 class AnomalyMonitor(Callback):
     def __init__(self, config: AnomalyConfig, loader: AnomalyLoader, emit: Callable[[dict], None],
-                 router_type: type | None = None, report_path: Path | None = None):
+                 router_type: type | None = None, report_path: Path | None = None, workers: int = 1):
         self.config, self.loader, self.emit = config, loader, emit
+        self.workers = workers
+        self.stop_requested: str | None = None  # several workers: stop every rank at the next sync point
         self.router_type, self.report_path = router_type, report_path
         self.nonfinite = NonFinite()
         self.loss_spike = Spike("loss_spike", "loss", config.window, config.min_history, config.loss_z,
@@ -82,7 +91,7 @@ class AnomalyMonitor(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         if self.config.router_entropy_min > 0 and self.router_type is not None:
             self.router.attach(trainer.model, self.router_type)
-        if self.config.snapshot_every:
+        if self.config.snapshot_every and self.workers == 1:
             self._take_snapshot(trainer)
 
     def pre_step(self, trainer: Trainer, step: int) -> None:
@@ -95,6 +104,8 @@ class AnomalyMonitor(Callback):
             self._apply_lr(trainer)
 
     def skip_update(self, trainer: Trainer, step: int, metrics: dict[str, Any], output: Any) -> bool:
+        if self.stop_requested:  # keep stepping, so this rank reaches the sync point where all stop
+            return False
         found = self.nonfinite.check(metrics)
         if not found:  # spikes are measured on finite values only
             found = self.loss_spike.check(metrics) + self.grad_spike.check(metrics)
@@ -106,7 +117,10 @@ class AnomalyMonitor(Callback):
         response = max((self.config.detector_responses[a.detector] for a in found), key=SEVERITY.index)
         if found[0].detector == "nonfinite" and not weights_finite(trainer.model):
             # NaN weights make every later loss NaN: skipping cannot help, only a rollback can.
-            found, response = [Anomaly("nonfinite", {"weights": "non-finite"})], "rollback"
+            found = [Anomaly("nonfinite", {"weights": "non-finite"})]
+            if self.workers > 1:
+                return self._request_stop(step, found)
+            response = "rollback"
             self._flag_since_snapshot()
         self._record(step, found, response)
         if response == "log":
@@ -119,10 +133,13 @@ class AnomalyMonitor(Callback):
         if not ((check_every and step % check_every == 0) or (snapshot_every and step % snapshot_every == 0)):
             return
         if not weights_finite(trainer.model):
+            if self.workers > 1:
+                self._request_stop(step, [Anomaly("nonfinite", {"weights": "non-finite"})])
+                return
             self._flag_since_snapshot()
             self._record(step, [Anomaly("nonfinite", {"weights": "non-finite"})], "rollback")
             self._intervene(trainer, step, "rollback")
-        elif snapshot_every and step % snapshot_every == 0:
+        elif snapshot_every and step % snapshot_every == 0 and self.workers == 1:
             self._take_snapshot(trainer)
 
     def on_error(self, trainer: Trainer, error: BaseException) -> None:
@@ -141,8 +158,11 @@ class AnomalyMonitor(Callback):
         while self.recent and self.recent[0] <= step - window:
             self.recent.popleft()
         if self.interventions > self.config.max_interventions:
-            self._abort(trainer, step, f"{self.interventions} interventions exceed max_interventions="
-                                       f"{self.config.max_interventions}")
+            reason = f"{self.interventions} interventions exceed max_interventions={self.config.max_interventions}"
+            if self.workers > 1:
+                self._request_stop(step, [], reason)
+                return response in ("skip", "skip_reinject")
+            self._abort(trainer, step, reason)
             return True
         persistent = self.config.lower_lr_after and len(self.recent) >= self.config.lower_lr_after
         if response == "lower_lr" or persistent:
@@ -162,6 +182,20 @@ class AnomalyMonitor(Callback):
             self._abort(trainer, step, "an anomaly whose response is 'abort'")
             return True
         return False  # lower_lr: the update goes ahead at the lowered LR
+
+    def _request_stop(self, step: int, found: list[Anomaly], reason: str = "non-finite weights") -> bool:
+        """Several workers: record, and ask every rank to stop after the next sync point (this rank
+        keeps taking its updates so it reaches it; EDiT's penalty drops a non-finite one there)."""
+        if self.stop_requested:
+            return False
+        if found:
+            self._record(step, found, "stop_at_sync")
+        self.stop_requested = self.aborted = reason
+        self.counts["stop_requested"] += 1
+        self.emit({"event": "anomaly_abort", "step": step, "reason": reason, "restored_step": None,
+                   "at": "next sync point", "interventions": self.interventions, "counts": dict(self.counts)})
+        log.error("anomaly: stopping every rank at the next sync point (step %d): %s", step, reason)
+        return False
 
     def _rollback(self, trainer: Trainer, step: int) -> None:
         skipped = sorted(set(self.flagged) | {self.loader.last_index})

@@ -71,21 +71,50 @@ class TokenLoader:
         self._stop = threading.Event()
 
     # --- the order -------------------------------------------------------------------------
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shard order and the cumulative window counts along it."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._windows_per_shard))
+        return order, np.cumsum([self._windows_per_shard[s] for s in order])
+
+    def _rows(self, layout: tuple[np.ndarray, np.ndarray], batch: int) -> Iterator[tuple[int, int]]:
+        """(shard, index among that shard's shuffled windows) of each row of this rank's batch."""
+        order, ends = layout
+        first = batch * self.batch_size * self.world_size + self.rank * self.batch_size
+        for position in range(first, first + self.batch_size):
+            slot = int(np.searchsorted(ends, position, side="right"))
+            yield int(order[slot]), position - (int(ends[slot - 1]) if slot else 0)
+
+    def _window_starts(self, shard: int, epoch: int) -> np.ndarray:
+        """The start offsets of the shard's windows in its packed stream, in the epoch's order."""
+        starts = np.arange(self._windows_per_shard[shard], dtype=np.int64) * self.seq_len
+        np.random.default_rng([self.seed, epoch, shard]).shuffle(starts)
+        return starts
+
+    def batch_documents(self, epoch: int, batch: int) -> list[list[int]]:
+        """For each row of this rank's batch at ``(epoch, batch)``: ``[first, last]``, the documents
+        its ``seq_len + 1`` tokens come from, numbered from 0 across the directory in manifest
+        order. Reads (and verifies) the shards involved: meant for the few batches an anomaly names."""
+        first_document = np.cumsum([0] + [entry["documents"] for entry in self.manifest["shards"]])
+        eos_at: dict[int, np.ndarray] = {}  # shard -> offsets of its EOS tokens (one per document)
+        spans = []
+        for shard, offset in self._rows(self._epoch_layout(epoch), batch):
+            if shard not in eos_at:
+                lengths = read_shard(self.directory, self.manifest["shards"][shard], self.manifest["dtype"]).lengths
+                eos_at[shard] = np.cumsum(lengths.astype(np.int64) + 1) - 1
+            start = int(self._window_starts(shard, epoch)[offset])
+            first, last = np.searchsorted(eos_at[shard], [start, start + self.seq_len], side="left")
+            spans.append([int(first_document[shard] + first), int(first_document[shard] + last)])
+        return spans
+
     def _batches(self, epoch: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
         """Batches from position ``(epoch, batch)`` on, each with the position after it."""
-        global_batch = self.batch_size * self.world_size
         cached: dict[int, np.ndarray] = {}  # shard index -> its windows' start tokens, shuffled
         streams: dict[int, np.ndarray] = {}
         while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._windows_per_shard))
-            ends = np.cumsum([self._windows_per_shard[s] for s in order])
+            layout = self._epoch_layout(epoch)
             for batch_index in range(batch, self.batches_per_epoch):
-                first = batch_index * global_batch + self.rank * self.batch_size
                 rows = []
-                for position in range(first, first + self.batch_size):
-                    slot = int(np.searchsorted(ends, position, side="right"))
-                    shard = int(order[slot])
-                    offset = position - (int(ends[slot - 1]) if slot else 0)
+                for shard, offset in self._rows(layout, batch_index):
                     if shard not in streams:
                         for old in list(streams):  # keep at most the two shards a batch can span
                             if len(streams) >= 2:
@@ -109,9 +138,7 @@ class TokenLoader:
         is_token[eos_at] = False
         stream[is_token] = data.tokens
         stream[eos_at] = self.eos_id
-        starts = np.arange(self._windows_per_shard[shard], dtype=np.int64) * self.seq_len
-        np.random.default_rng([self.seed, epoch, shard]).shuffle(starts)
-        return stream, starts
+        return stream, self._window_starts(shard, epoch)
 
     # --- serving ---------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

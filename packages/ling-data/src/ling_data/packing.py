@@ -82,7 +82,9 @@ class PackedLoader:
                 f"({needed * seq_len + 1} tokens); use more documents or a smaller seq_len/batch_size"
             )
         # unfold makes a view: window i is stream[i*seq_len : i*seq_len + seq_len + 1].
+        self._stream = stream
         self._windows = stream.unfold(0, seq_len + 1, seq_len)
+        self._document_ends: dict[int, torch.Tensor] = {}  # eos_id -> offsets of the EOS tokens
         self.epoch = 0
         self.position = 0  # batches this rank has taken in the current epoch
         self._order_epoch = -1
@@ -95,11 +97,31 @@ class PackedLoader:
             self._order_epoch = self.epoch
         return self._order
 
+    def window_indices(self, epoch: int, position: int) -> torch.Tensor:
+        """The windows (rows) of this rank's batch at ``(epoch, position)``, in row order."""
+        start = (position * self.world_size + self.rank) * self.batch_size
+        if epoch == self.epoch:
+            return self._epoch_order()[start : start + self.batch_size]
+        order = torch.randperm(self.num_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return order[start : start + self.batch_size]
+
+    def batch_documents(self, epoch: int, position: int, eos_id: int) -> list[list[int]]:
+        """For each row of this rank's batch at ``(epoch, position)``: ``[first, last]``, the
+        documents (numbered from 0 in the order they were packed) its ``seq_len + 1`` tokens come
+        from. Documents are told apart by the ``eos_id`` that ends each one in a stream written by
+        :func:`pack_documents`; the EOS offsets are found once per ``eos_id`` (one pass over the
+        stream), each lookup is then a binary search."""
+        if eos_id not in self._document_ends:
+            self._document_ends[eos_id] = (self._stream == eos_id).nonzero().flatten()
+        ends = self._document_ends[eos_id]
+        first = self.window_indices(epoch, position) * self.seq_len
+        # the document of the token at offset t is the number of documents ended before t
+        bounds = torch.searchsorted(ends, torch.stack([first, first + self.seq_len], dim=1))
+        return bounds.tolist()
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(input_ids, labels)``, each ``[batch_size, seq_len]`` int64."""
-        start = (self.position * self.world_size + self.rank) * self.batch_size
-        indices = self._epoch_order()[start : start + self.batch_size]
-        windows = self._windows[indices]
+        windows = self._windows[self.window_indices(self.epoch, self.position)]
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch += 1

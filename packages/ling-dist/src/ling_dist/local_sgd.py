@@ -55,6 +55,7 @@ class SyncStats:
     weights: list[float] = field(default_factory=list)
     excluded: list[int] = field(default_factory=list)  # ranks dropped as outliers
     scale: float = 1.0  # clipping factor applied to the averaged pseudo-gradient
+    z_scores: list[float] = field(default_factory=list)  # the weighting's outlier statistic per rank
     bytes: int = 0  # payload this rank handed to collectives for this sync
 
 
@@ -246,7 +247,7 @@ class LocalSGD:
             return
         decision = self.weighting.weigh(tokens, steps, norms)
         self.last_sync.weights, self.last_sync.excluded = decision.weights, decision.excluded
-        self.last_sync.scale = decision.scale
+        self.last_sync.scale, self.last_sync.z_scores = decision.scale, decision.z_scores
         self.syncs += 1
         self.global_inner_steps += total_steps
         self.steps_since_sync = 0

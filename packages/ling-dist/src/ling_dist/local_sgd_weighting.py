@@ -19,6 +19,10 @@ class SyncWeights:
     weights: list[float]  # per rank; sums to 1, or all 0 when every worker was excluded
     excluded: list[int] = field(default_factory=list)  # ranks whose pseudo-gradient got weight 0
     scale: float = 1.0  # multiplies the averaged pseudo-gradient (clipping)
+    # per rank: the statistic outliers are judged by (EDiT: the norm's z-score against the rank's
+    # EWMA before this sync, 0 while it has fewer than two norms, inf for a non-finite norm);
+    # empty for weightings without outlier detection. Anomaly logging reads it from here.
+    z_scores: list[float] = field(default_factory=list)
 
 
 class Weighting(Protocol):
@@ -123,11 +127,15 @@ class PseudoGradientPenalty:
         self.step_weight = step_weight
         self.trackers: list[NormTracker] = []
 
+    def z_score(self, rank: int, norm: float) -> float:
+        """`norm` against the rank's tracker (before it sees `norm`); inf when `norm` is not finite."""
+        return self.trackers[rank].z_score(norm, self.ewma_alpha) if math.isfinite(norm) else math.inf
+
     def is_outlier(self, rank: int, norm: float) -> bool:
         if not math.isfinite(norm):
             return True
         tracker = self.trackers[rank]
-        return tracker.count >= self.warmup_syncs and tracker.z_score(norm, self.ewma_alpha) > self.z_threshold
+        return tracker.count >= self.warmup_syncs and self.z_score(rank, norm) > self.z_threshold
 
     def weigh(self, tokens: list[int], steps: list[int], norms: list[float]) -> SyncWeights:
         if sum(tokens) == 0:
@@ -136,6 +144,7 @@ class PseudoGradientPenalty:
             self.trackers = [NormTracker() for _ in norms]
         if len(self.trackers) != len(norms):
             raise ValueError(f"penalty state tracks {len(self.trackers)} workers, this sync has {len(norms)}")
+        z_scores = [self.z_score(rank, norm) for rank, norm in enumerate(norms)]
         excluded = [rank for rank, norm in enumerate(norms) if self.is_outlier(rank, norm)]
         for rank, norm in enumerate(norms):
             if rank not in excluded and steps[rank] > 0:
@@ -149,7 +158,7 @@ class PseudoGradientPenalty:
                 raw[rank] = tokens[rank] * penalty
         total, total_steps = sum(raw), sum(steps[rank] for rank in included)
         if total == 0.0:
-            return SyncWeights([0.0] * len(norms), excluded, 0.0)
+            return SyncWeights([0.0] * len(norms), excluded, 0.0, z_scores)
         weights = [(1.0 - self.step_weight) * r / total for r in raw]
         if self.step_weight:
             for rank in included:
@@ -158,7 +167,7 @@ class PseudoGradientPenalty:
         bound = sum(w * n for w, n in zip(weights, norms) if w)
         if self.clip_norm is not None and bound > self.clip_norm:
             scale = self.clip_norm / bound
-        return SyncWeights(weights, excluded, scale)
+        return SyncWeights(weights, excluded, scale, z_scores)
 
     def state_dict(self) -> dict[str, Any]:
         return {"trackers": [(t.mean, t.variance, t.count) for t in self.trackers]}
