@@ -8,7 +8,6 @@ job replays the steps after the snapshot exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -61,7 +60,8 @@ def test_incomplete_or_damaged_snapshot_is_never_chosen(tmp_path):
     # What the all-reduce over both ranks decides: usable only if every rank's checksum holds.
     for rank in (0, 1):
         snapshot, state = choose_snapshot(candidates, rank, lambda s, ok: ok and all(rank_ok(s, r) for r in (0, 1)))
-        assert snapshot.step == 2 and state["rank"] == rank and torch.equal(state["weights"], torch.full((64,), 2.0 + rank))
+        assert snapshot.step == 2 and state["rank"] == rank
+        assert torch.equal(state["weights"], torch.full((64,), 2.0 + rank))
 
 
 def test_resume_prefers_a_newer_snapshot_only_at_its_world_size(tmp_path):
@@ -108,35 +108,55 @@ def launch(out: Path, config: Path, env: dict[str, str], *args: str) -> subproce
                             env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
-@pytest.mark.slow
-@pytest.mark.dist
-def test_sigkilled_worker_restarts_from_the_latest_snapshot_bitwise(tmp_path):
-    """EDiT on 2 ranks, a snapshot every 2 steps; rank 1 SIGKILLed after step 5 on the first attempt.
-    torchrun restarts both workers, which resume from snapshot 4 (loader, RNG, anchor, outer momentum,
-    rank 1's own weights) and end exactly as an uninterrupted run."""
+def killed_and_whole(tmp_path: Path, args: list[str], kill_at: int, resumed_at: int) -> tuple[Path, Path]:
+    """The same job twice at once, uninterrupted and with rank 1 SIGKILLed after step `kill_at` on
+    its first attempt; checks that the restart resumed from snapshot `resumed_at` and that every
+    loss after it equals the uninterrupted run's exactly."""
     config = write_config(tmp_path, extra="checkpoint_every = 0\n")
-    args = ["--steps", "8", "--dist", "edit", "--sync-every", "3", "--snapshot-every", "2", "--max-restarts", "1"]
     jobs = {"whole": launch(tmp_path / "whole", config, {}, *args),
-            "killed": launch(tmp_path / "killed", config, {KILL_AT_STEP_ENV: "5", KILL_RANK_ENV: "1"}, *args)}
+            "killed": launch(tmp_path / "killed", config, {KILL_AT_STEP_ENV: str(kill_at), KILL_RANK_ENV: "1"}, *args)}
     summaries = {name: finish(job) for name, job in jobs.items()}
-    assert summaries["killed"]["steps"] == 8
+    steps = summaries["whole"]["steps"]
+    assert summaries["killed"]["steps"] == steps
 
     killed_rows = rows(tmp_path / "killed")
     restart = [i for i, r in enumerate(killed_rows) if r.get("event") == "restart"]
     assert len(restart) == 1, "expected exactly one restart"
     event = killed_rows[restart[0]]
-    assert event["attempt"] == 1 and event["step"] == 4 and event["from"].endswith("snapshots/step-000000004")
-    assert max(r["step"] for r in killed_rows[:restart[0]] if "loss" in r) == 5  # the killed attempt got to 5
+    assert event["attempt"] == 1 and event["step"] == resumed_at
+    assert event["from"].endswith(f"snapshots/step-{resumed_at:09d}")
+    assert max(r["step"] for r in killed_rows[:restart[0]] if "loss" in r) == kill_at  # the killed attempt's progress
     whole = {r["step"]: r["loss"] for r in rows(tmp_path / "whole") if "loss" in r}
     after = {r["step"]: r["loss"] for r in killed_rows[restart[0]:] if "loss" in r}
-    assert sorted(after) == [5, 6, 7, 8] and all(after[s] == whole[s] for s in after), (whole, after)
-
-    final = [tmp_path / name / "checkpoints" / "step-8" for name in ("whole", "killed")]
+    assert sorted(after) == list(range(resumed_at + 1, steps + 1)) and all(after[s] == whole[s] for s in after), \
+        (whole, after)
+    final = tuple(tmp_path / name / "checkpoints" / f"step-{steps}" for name in ("whole", "killed"))
     a, b = weights(final[0]), weights(final[1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    (state_a, rank1_a), (state_b, rank1_b) = rank_states(final[0]), rank_states(final[1])
+    return final
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigkilled_edit_worker_restarts_from_the_latest_snapshot_bitwise(tmp_path):
+    """EDiT on 2 ranks, a snapshot every 2 steps; rank 1 SIGKILLed after step 5 on the first attempt.
+    torchrun restarts both workers, which resume from snapshot 4 (loader, RNG, anchor, outer momentum,
+    rank 1's own weights) and end exactly as an uninterrupted run."""
+    args = ["--steps", "8", "--dist", "edit", "--sync-every", "3", "--snapshot-every", "2", "--max-restarts", "1"]
+    whole, killed = killed_and_whole(tmp_path, args, kill_at=5, resumed_at=4)
+    (state_a, rank1_a), (state_b, rank1_b) = rank_states(whole), rank_states(killed)
     assert state_a["loader"] == state_b["loader"] and rank1_a["loader"] == rank1_b["loader"]
     assert all(torch.equal(rank1_a["local_model"][k], rank1_b["local_model"][k]) for k in rank1_a["local_model"])
     snapshots = sorted(p.name for p in (tmp_path / "killed" / "snapshots").glob("step-*"))
     assert snapshots == ["step-000000006", "step-000000008"]  # keep_snapshots = 2
-    assert json.loads((tmp_path / "killed" / "snapshots" / "step-000000008" / "rank-00001.json").read_text())["rank"] == 1
+    assert (tmp_path / "killed" / "snapshots" / "latest").read_text().strip() == "step-000000008"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigkilled_fsdp_expert_parallel_worker_restarts_from_its_shards_bitwise(tmp_path):
+    """FSDP2 + expert parallel: each rank snapshots its own shards and experts (nothing gathered)
+    and gets them back as DTensors / owned experts after the restart."""
+    args = ["--steps", "4", "--dist", "fsdp", "--expert-parallel", "2", "--snapshot-every", "2",
+            "--max-restarts", "1"]
+    killed_and_whole(tmp_path, args, kill_at=3, resumed_at=2)
