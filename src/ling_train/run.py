@@ -118,8 +118,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     model_config = config.model_config()
 
     # Everything that can fail on bad input happens before the run directory is touched.
-    restarted = snapshots.restart_attempt() > 0 and resume_from is None  # torchrun --max-restarts
-    source = (snapshots.restart_source(out, setup.rank, setup.world_size, device) if restarted
+    restarted = snapshots.restart_attempt() > 0  # torchrun --max-restarts: continue what the last attempt saved
+    source = (snapshots.restart_source(out, setup.rank, setup.world_size, device, resume_from) if restarted
               else snapshots.ResumeSource(resume_from))
     resume_from = source.path
     check_out_dir(out, resuming=resume_from is not None or restarted)

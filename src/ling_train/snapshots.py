@@ -135,16 +135,17 @@ class ResumeSource:
     state: dict | None = None  # this rank's snapshot state, already verified
 
 
-def restart_source(out: Path, rank: int, world_size: int, device: torch.device) -> ResumeSource:
+def restart_source(out: Path, rank: int, world_size: int, device: torch.device, given: Path | None) -> ResumeSource:
     """On a torchrun restart: the newer of the newest usable snapshot and the latest HF checkpoint
-    in `out`. Collective (every rank calls it). Rank 0 then removes snapshot directories newer than
-    the one chosen (parts of the killed attempt), so they cannot be mixed with the new attempt's."""
+    in `out`; without either, `given` (the run's own `--resume`, or None: from scratch). Collective
+    (every rank calls it). Rank 0 then removes snapshot directories newer than the one chosen
+    (parts of the killed attempt), so they cannot be mixed with the new attempt's."""
     import torch.distributed as dist
 
     hf = _hf_checkpoint_step(out)
     candidates = [s for s in complete_snapshots(out / SNAPSHOTS_DIR, world_size) if hf is None or s.step > hf[0]]
     chosen = choose_snapshot(candidates, rank, all_ranks_agree(device))
-    source = ResumeSource(chosen[0].path, chosen[1]) if chosen else ResumeSource(hf[1] if hf else None)
+    source = ResumeSource(chosen[0].path, chosen[1]) if chosen else ResumeSource(hf[1] if hf else given)
     keep_up_to = chosen[0].step if chosen else (hf[0] if hf else 0)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank has read its state before anything is deleted
