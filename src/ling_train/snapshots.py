@@ -285,17 +285,26 @@ class SnapshotCallback(Callback):
             row["snapshot_blocking_s"] = row["save_s"] + row["fence_wait_s"]
             self.write(row)
 
-    def update_latest(self) -> None:
+    def update_latest(self, prune: bool = False) -> None:
+        """Rank 0: point `latest` at the newest complete snapshot; with `prune` (at the end, once
+        every rank's writes are done) also delete what is older than the `keep_last` newest ones
+        (the writer thread prunes too, but only sees its own last snapshot complete if it is last)."""
         complete = complete_snapshots(self.flash.directory, self.flash.world_size)
         if complete:
             write_text_atomic(self.flash.directory / LATEST, complete[0].path.name + "\n")
+        if prune and len(complete) > self.flash.keep_last:
+            oldest_kept = complete[self.flash.keep_last - 1].step
+            for entry in self.flash.directory.iterdir():
+                match = STEP_DIR.match(entry.name)
+                if match and int(match.group(1)) < oldest_kept:
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.fence()
         self.flash.close()
         self.barrier()
         if self.rank == 0:
-            self.update_latest()
+            self.update_latest(prune=True)
 
 
 def snapshot_callback(config: RunConfig, out: Path, rank: int, world_size: int, optimizer: torch.optim.Optimizer,
