@@ -70,10 +70,15 @@ def _manifest(path: Path) -> dict | None:
 
 def _rank_part_complete(step_dir: Path, rank: int, world_size: int) -> bool:
     manifest = _manifest(step_dir / f"rank-{rank:05d}.json")
-    if manifest is None or manifest.get("world_size") != world_size or manifest.get("rank") != rank:
+    name = f"rank-{rank:05d}.pt"
+    if manifest is None or (manifest.get("world_size"), manifest.get("rank"), manifest.get("file")) != (
+            world_size, rank, name):
         return False
-    data = step_dir / str(manifest.get("file", ""))
-    return data.is_file() and data.stat().st_size == manifest.get("bytes") and "sha256" in manifest
+    try:  # rank 0's writer thread may be pruning this directory right now
+        size = (step_dir / name).stat().st_size
+    except OSError:
+        return False
+    return size == manifest.get("bytes") and "sha256" in manifest
 
 
 def complete_snapshots(directory: Path, world_size: int | None = None) -> list[Snapshot]:
