@@ -9,6 +9,7 @@ job replays the steps after the snapshot exactly.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,8 @@ def test_resume_prefers_a_newer_snapshot_only_at_its_world_size(tmp_path):
 
 
 def test_resume_from_a_snapshot_in_one_process_is_bitwise(tmp_path):
+    """`--resume SNAPSHOT` continues bitwise; `--resume --out RUN` takes the snapshot when it is newer
+    than RUN's latest HF checkpoint (as after a kill between the two)."""
     config = write_config(tmp_path, extra="checkpoint_every = 0\n")
     common = ["--no-progress", "--device", "cpu"]
     assert main(["--config", str(config), "--steps", "4", "--snapshot-every", "2", "--out", str(tmp_path / "a"),
@@ -89,6 +92,15 @@ def test_resume_from_a_snapshot_in_one_process_is_bitwise(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     snapshot_rows = [r for r in rows(tmp_path / "a") if r.get("event") == "snapshot"]
     assert [r["step"] for r in snapshot_rows] == [2, 4] and all(r["snapshot_blocking_s"] > 0 for r in snapshot_rows)
+
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-4")  # the HF checkpoint before snapshot 4: only b's
+    shutil.copytree(tmp_path / "b" / "checkpoints" / "step-4", tmp_path / "a" / "checkpoints" / "step-3")
+    (tmp_path / "a" / "checkpoints" / "latest").write_text("step-3\n")  # (a stand-in: only its name matters)
+    assert main(["--resume", "--out", str(tmp_path / "a"), *common]) == 0  # nothing left to train: saves step 4
+    resumed = [r for r in rows(tmp_path / "a") if r.get("event") == "resume"]
+    assert resumed[-1]["step"] == 4 and resumed[-1]["from"].endswith("snapshots/step-000000004")
+    c = weights(tmp_path / "a" / "checkpoints" / "step-4")
+    assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 def test_snapshots_refuse_anomaly_handling_and_aedit(tmp_path, capsys):
