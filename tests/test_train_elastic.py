@@ -168,25 +168,22 @@ def test_sigkilled_edit_worker_restarts_from_the_latest_snapshot_bitwise(tmp_pat
 @pytest.mark.dist
 def test_sigkilled_fsdp_expert_parallel_worker_restarts_from_its_shards_bitwise(tmp_path):
     """FSDP2 + expert parallel: each rank snapshots its own shards and experts (nothing gathered)
-    and gets them back as DTensors / owned experts after the restart."""
+    and gets them back as DTensors / owned experts after the restart. Alongside (one test, to share
+    the machine's idle time): a DDP job killed before any snapshot starts over in its own run
+    directory (its earlier attempt's metrics.jsonl is not taken for another run) and replays step 1
+    exactly."""
+    scratch_config = write_config(tmp_path, name="scratch.toml", extra="checkpoint_every = 0\n")
+    scratch = launch(tmp_path / "scratch", scratch_config, {KILL_AT_STEP_ENV: "1", KILL_RANK_ENV: "1"},
+                     "--steps", "2", "--dist", "ddp", "--snapshot-every", "4", "--max-restarts", "1")
     args = ["--steps", "4", "--dist", "fsdp", "--expert-parallel", "2", "--snapshot-every", "2",
             "--max-restarts", "1"]
     killed_and_whole(tmp_path, args, kill_at=3, resumed_at=2)
 
-
-@pytest.mark.slow
-@pytest.mark.dist
-def test_killed_before_any_snapshot_restarts_from_scratch_in_its_own_run_directory(tmp_path):
-    """No snapshot yet: the restarted job starts over in the same --out (its own earlier attempt's
-    metrics.jsonl is not taken for another run) and replays step 1 exactly."""
-    config = write_config(tmp_path, extra="checkpoint_every = 0\n")
-    job = launch(tmp_path / "run", config, {KILL_AT_STEP_ENV: "1", KILL_RANK_ENV: "1"},
-                 "--steps", "2", "--dist", "ddp", "--snapshot-every", "4", "--max-restarts", "1")
-    assert finish(job)["steps"] == 2
-    run_rows = rows(tmp_path / "run")
+    assert finish(scratch)["steps"] == 2
+    run_rows = rows(tmp_path / "scratch")
     restart = next(i for i, r in enumerate(run_rows) if r.get("event") == "restart")
     assert run_rows[restart]["from"] is None and run_rows[restart]["step"] == 0
     before = [r["loss"] for r in run_rows[:restart] if "loss" in r]
     after = [r["loss"] for r in run_rows[restart:] if "loss" in r]
     assert len(before) == 1 and len(after) == 2 and before[0] == after[0]
-    assert not list((tmp_path / "run" / "snapshots").glob("step-*"))
+    assert not list((tmp_path / "scratch" / "snapshots").glob("step-*"))
