@@ -48,7 +48,8 @@ class MetricsLogger(Callback):
             self.write({"step": step, **metrics})
 
     def on_checkpoint(self, trainer: Trainer, step: int, path: Any) -> None:
-        self.write({"event": "checkpoint", "step": step, "path": str(path)})
+        seconds = next((cb.last_save_s for cb in trainer.callbacks if isinstance(cb, Checkpointer)), None)
+        self.write({"event": "checkpoint", "step": step, "path": str(path), "save_s": seconds})
 
     def on_error(self, trainer: Trainer, error: BaseException) -> None:
         self.write({"event": "error", "step": trainer.step, "error": f"{type(error).__name__}: {error}"})
@@ -96,9 +97,12 @@ class Checkpointer(Callback):
         self.save = save
         self.every = every
         self.last_saved = -1
+        self.last_save_s: float | None = None  # how long the last save held the step (metrics: save_s)
 
     def _save(self, trainer: Trainer, step: int) -> None:
+        start = time.perf_counter()
         path = self.save(step)
+        self.last_save_s = time.perf_counter() - start
         self.last_saved = step
         for cb in trainer.callbacks:
             cb.on_checkpoint(trainer, step, path)

@@ -31,6 +31,8 @@ examples:
   ling-train --nproc 4 --dist edit --sync-every 8 --outer-lr 0.7 --outer-momentum 0.9
   ling-train --nproc 2 --dist aedit --sync-seconds 2   # sync by wall time: slow ranks never wait
   torchrun --nproc-per-node 2 -m ling_train.cli --dist diloco   # the same, launched by hand
+  ling-train --nproc 2 --dist ddp --snapshot-every 10 --max-restarts 3   # survive a killed worker
+  torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train.cli --dist ddp --snapshot-every 10
 """
 
 
@@ -61,6 +63,14 @@ def parser() -> argparse.ArgumentParser:
                                   "come from torchrun or --nproc")
     d.add_argument("--nproc", type=int, metavar="N",
                    help="relaunch this command under torchrun with N processes on this machine")
+    d.add_argument("--snapshot-every", type=int, dest="snapshot_every", metavar="N",
+                   help="per-process flash snapshots into RUN/snapshots every N steps, written in the background "
+                        "(default 0: off); a restarted or --resume'd run continues from the newest complete one")
+    d.add_argument("--keep-snapshots", type=int, dest="keep_snapshots", metavar="K",
+                   help="complete snapshots kept in RUN/snapshots (default 2)")
+    d.add_argument("--max-restarts", type=int, dest="max_restarts", metavar="K",
+                   help="with --nproc: torchrun restarts all workers up to K times after a failure; they resume "
+                        "from the newest complete snapshot or checkpoint in --out (default 0)")
     d.add_argument("--sync-every", type=int, dest="sync_every", metavar="H",
                    help="diloco/edit: inner steps between syncs (default 8)")
     d.add_argument("--sync-seconds", type=float, dest="sync_seconds", metavar="T",
@@ -86,17 +96,20 @@ def build_config(args: argparse.Namespace):
 
     flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed",
                                            "batch_size", "seq_len", "lr", "eval_every", "dist", "sync_every",
-                                           "sync_seconds", "outer_lr", "outer_momentum", "expert_parallel")}
+                                           "sync_seconds", "outer_lr", "outer_momentum", "expert_parallel",
+                                           "snapshot_every", "keep_snapshots")}
+    from ling_train import snapshots
+
     base: dict = {}
     resume_from = None
     if args.resume is not None:
-        if args.resume == "":
-            if not args.out:
-                raise UsageError("--resume: give a checkpoint path, or --out RUN to resume RUN's latest")
-            resume_from = ckpt.resolve_checkpoint(Path(args.out))
-        else:
-            resume_from = ckpt.resolve_checkpoint(Path(args.resume))
-        base = tomllib.loads(ckpt.read_run_config_toml(resume_from))
+        if args.resume == "" and not args.out:
+            raise UsageError("--resume: give a checkpoint path, or --out RUN to resume RUN's latest")
+        given = Path(args.resume or args.out)
+        world_size = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE") or 1)
+        resume_from = snapshots.resolve_resume(given, world_size) or ckpt.resolve_checkpoint(given)
+        base = tomllib.loads(snapshots.run_config_of(resume_from) if snapshots.is_snapshot(resume_from)
+                             else ckpt.read_run_config_toml(resume_from))
         if not args.out:  # default: continue in the run the checkpoint belongs to
             flags["out"] = str(resume_from.parent.parent)
     toml_values = load_toml(args.config) if args.config else {}
@@ -105,6 +118,11 @@ def build_config(args: argparse.Namespace):
     for flag in ("outer_lr", "outer_momentum"):
         if flags[flag] is not None and config.dist not in LOCAL_SGD_MODES:
             raise UsageError(f"--{flag.replace('_', '-')}: applies to --dist diloco, edit or aedit, not {config.dist}")
+    if args.max_restarts is not None:
+        if args.nproc is None:
+            raise UsageError("--max-restarts: needs --nproc (launched by hand, give torchrun its own --max-restarts)")
+        if args.max_restarts < 0:
+            raise UsageError(f"--max-restarts: expected >= 0, got {args.max_restarts}")
     if args.nproc is not None:
         if args.nproc < 1:
             raise UsageError(f"--nproc: expected >= 1, got {args.nproc}")
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, resume_from = build_config(args)
         if args.nproc is not None and not args.dry_run and "RANK" not in os.environ:
-            return relaunch(argv if argv is not None else sys.argv[1:], args.nproc)
+            return relaunch(argv if argv is not None else sys.argv[1:], args.nproc, args.max_restarts or 0)
         if args.dry_run:
             from ling_train.dry_run import dry_run_report
             print(dry_run_report(config.size, config.model_config(), config.seq_len, config.batch_size))
@@ -181,19 +199,20 @@ def report_bad_input(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def relaunch(argv: list[str], nproc: int) -> int:
+def relaunch(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
     """`--nproc N`: run the same command as N local processes under torch.distributed.run
-    (through `ling_train.launch`, which keeps a rank's bad-input exit as exit 2)."""
+    (through `ling_train.launch`, which keeps a rank's bad-input exit as exit 2); `--max-restarts K`
+    goes to torchrun."""
     rest, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in ("--nproc", "--max-restarts"):
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(("--nproc=", "--max-restarts=")):
             rest.append(arg)
     command = [sys.executable, "-m", "ling_train.launch", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "ling_train.cli", *rest]
+               f"--max-restarts={max_restarts}", "-m", "ling_train.cli", *rest]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, env=env).returncode
 

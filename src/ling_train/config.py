@@ -46,6 +46,8 @@ class RunConfig:
     out: str = ""  # "" = runs/<size>-<timestamp>
     log_every: int = 1
     checkpoint_every: int = 100  # 0: only at the end
+    snapshot_every: int = 0  # N: per-rank flash snapshots into RUN/snapshots every N steps (0: off)
+    keep_snapshots: int = 2  # complete snapshots kept in RUN/snapshots
     max_shard_gb: float = 2.0
     eval_every: int = 0  # 0: no in-training eval; N: score eval_tasks every N steps (metrics.jsonl)
     eval_tasks: list[str] = field(default_factory=lambda: ["facts_mc", "corpus_ppl"])  # files or built-ins
@@ -77,6 +79,7 @@ class RunConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
         validate_dist(self, source)
+        validate_snapshots(self, source)
         self.model_config(source)  # validates the [model] overrides
         self.anomaly_config(source)
 
@@ -126,6 +129,19 @@ def validate_dist(config: "RunConfig", source: str) -> None:
         raise RunConfigError(f"{source}: outer_lr must be > 0 and outer_momentum in [0, 1)")
     if config.optimizer not in ("adamw", "sgd"):
         raise RunConfigError(f"{source}: optimizer: expected adamw or sgd, got {config.optimizer!r}")
+
+
+def validate_snapshots(config: "RunConfig", source: str) -> None:
+    """Flash snapshots (ling_train.snapshots) and the combinations they cannot serve."""
+    if config.snapshot_every < 0 or config.keep_snapshots < 1:
+        raise RunConfigError(f"{source}: snapshot_every must be >= 0 and keep_snapshots >= 1, got "
+                             f"{config.snapshot_every} and {config.keep_snapshots}")
+    if config.snapshot_every and config.anomaly is not None:
+        raise RunConfigError(f"{source}: snapshot_every (--snapshot-every) with [anomaly]: not supported yet (a "
+                             f"rollback rewrites the weights without waiting for the snapshot copy); use one of them")
+    if config.snapshot_every and config.dist == "aedit":
+        raise RunConfigError(f"{source}: snapshot_every (--snapshot-every) with --dist aedit: not supported (its "
+                             f"ranks reach step N at different times, so step-N snapshots are no consistent cut)")
 
 
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -11,6 +11,11 @@ prints each distinct message once (lowest rank first) and exits 2: the other ran
 consequences (a collective whose peer left). Otherwise it is an internal error: the ranks'
 tracebacks, torchrun's log lines (held back until then) and its failure report are shown, exit 1.
 
+With `--max-restarts K` (`ling-train --nproc N --max-restarts K`) torchrun restarts every worker
+after a failure, up to K times, and the ranks resume from what the run saved
+(`ling_train.snapshots`); all of the above applies once the restarts are used up (a bad-input
+exit is restarted like a crash: torchrun cannot tell them apart).
+
 Run as `python -m ling_train.launch TORCHRUN_ARGS...` (what `cli.relaunch` does).
 """
 

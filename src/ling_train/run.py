@@ -20,7 +20,7 @@ from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
 from ling_train.eval_callback import EvalCallback, load_eval_tasks
 from ling_train.config import RunConfig, RunConfigError
-from ling_train import dist_checkpoint
+from ling_train import dist_checkpoint, snapshots
 from ling_train import distributed as dist_run
 from ling_train.perf import measure_matmul_flops
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
@@ -133,9 +133,15 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     model_config = config.model_config()
 
     # Everything that can fail on bad input happens before the run directory is touched.
-    check_out_dir(out, resuming=resume_from is not None)
+    restarted = snapshots.restart_attempt() > 0  # torchrun --max-restarts: continue what the last attempt saved
+    source = (snapshots.restart_source(out, setup.rank, setup.world_size, device, resume_from) if restarted
+              else snapshots.ResumeSource(resume_from))
+    resume_from = source.path
+    check_out_dir(out, resuming=resume_from is not None or restarted)
     dist_run.barrier()  # every rank checked before rank 0 writes anything
-    trainer_state = dist_checkpoint.load_resume_state(setup, config, resume_from) if resume_from else None
+    from_snapshot = snapshots.is_snapshot(resume_from)
+    trainer_state = (snapshots.resume_state(source, config, setup.rank, setup.world_size, device) if from_snapshot
+                     else dist_checkpoint.load_resume_state(setup, config, resume_from) if resume_from else None)
     eval_tasks = load_eval_tasks(config.eval_tasks) if config.eval_every else None
     torch.manual_seed(config.seed)
     if setup.rank:
@@ -144,7 +150,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if setup.rank == 0:
         dist_run.barrier()
     model = build_model(model_config, device=device, seed=config.seed)
-    if resume_from is not None:
+    if resume_from is not None and not from_snapshot:
         load_weights(model, resume_from)
     trained = dist_run.wrap_model(setup, model)
     if setup.is_main:
@@ -191,6 +197,11 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     callbacks.append(dist_checkpoint.SyncPointCheckpointer(save, config.checkpoint_every, setup.local_sgd,
                                                            setup.world_size)
                      if aedit else Checkpointer(save, config.checkpoint_every))
+    if config.snapshot_every:
+        callbacks.append(snapshots.snapshot_callback(
+            config, out, setup.rank, setup.world_size, optimizer, write=metrics.write, barrier=dist_run.barrier,
+            trainer_state=lambda: {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size,
+                                   "model": model.state_dict()}))
     callbacks.append(timer)
     if setup.world_size > 1 or setup.local_sgd is not None:
         callbacks.insert(1, dist_run.DistributedLogging(
@@ -202,8 +213,9 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
                                                  limit=config.eval_limit or None, seed=config.seed))
     if trainer_state is not None:
-        trainer_state = dist_checkpoint.fit_resume_state(trainer_state, setup, model, optimizer, data.loader,
-                                                         resume_from)
+        trainer_state = (snapshots.fit_state(trainer_state, model, optimizer) if from_snapshot else
+                         dist_checkpoint.fit_resume_state(trainer_state, setup, model, optimizer, data.loader,
+                                                          resume_from))
         trainer.load_state_dict(trainer_state)
         if "local_model" in trainer_state:
             model.load_state_dict(trainer_state["local_model"])
@@ -218,6 +230,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
              "process(es)", config.size, device, autocast_dtype or "fp32", data.tokens, data.documents, peak / 1e9,
              config.dist, setup.world_size)
     start_step = trainer.step
+    if snapshots.restart_attempt():
+        metrics.write(snapshots.restart_event(source, start_step, setup.world_size))
     if start_step:
         event = {"event": "resume", "step": start_step, "from": str(resume_from),
                  "from_world_size": trainer_state.get("world_size", 1), "world_size": setup.world_size}
@@ -227,6 +241,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     trainer.fit()
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = snapshots.rows_of_this_attempt(rows)
     steps = [r for r in rows if "event" not in r and "lm_loss" in r and r["step"] > start_step]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r) and r["step"] > start_step]
     summary = {
