@@ -5,6 +5,7 @@ desynchronise the ranks."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,3 +165,23 @@ def test_desynchronising_setups_are_refused_with_one_line(dist, table, message, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_edit_checkpoint_written_under_anomaly_resumes_on_one_process(tmp_path):
+    """The loader state saved under `[anomaly]` is the re-injecting wrapper's; at another world
+    size its inner position is remapped (the per-rank skip set is not carried over)."""
+    from train_dist_testing import launch as launch_two_ranks
+    config = write_config(tmp_path, extra="checkpoint_every = 2\nsteps = 4\n")
+    config.write_text(config.read_text() + ANOMALY)
+    run = tmp_path / "run"
+    finish(launch_two_ranks("--config", str(config), "--dist", "edit", "--sync-every", "2", "--out", str(run)))
+    assert main(["--config", str(config), "--dist", "edit", "--sync-every", "2", "--out", str(run), "--no-progress",
+                 "--resume", str(run / "checkpoints" / "step-2"), "--steps", "6"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resume = next(r for r in rows if r.get("event") == "resume")
+    assert (resume["step"], resume["from_world_size"], resume["world_size"]) == (2, 2, 1)
+    final = torch.load(run / "checkpoints" / "step-6" / "trainer_state" / "state.pt", weights_only=False)
+    # 2 ranks x 2 steps of 4 windows = 16 windows = 4 one-rank batches consumed, then 4 more steps
+    assert final["loader"]["inner"]["position"] == 8 and final["world_size"] == 1
+    assert all(math.isfinite(r["loss"]) for r in rows if "lm_loss" in r and "event" not in r)
