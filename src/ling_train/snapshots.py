@@ -23,7 +23,6 @@ cut) are refused with snapshots (config.validate_snapshots).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -37,7 +36,8 @@ import torch
 
 from ling_core import CheckpointError
 from ling_core.hf_io import write_text_atomic
-from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, load_snapshot
+from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, list_snapshots, load_snapshot
+from ling_dist.snapshot_files import STEP_DIR_PATTERN as STEP_DIR
 from ling_train.config import RunConfig, RunConfigError
 from ling_train.trainer import Callback, Trainer
 
@@ -45,7 +45,6 @@ log = logging.getLogger("ling_train")
 
 SNAPSHOTS_DIR = "snapshots"
 LATEST = "latest"
-STEP_DIR = re.compile(r"^step-(\d+)$")
 # Test-only fault injection (tests/test_train_elastic.py): on the first attempt, after step K and
 # once every rank's snapshots are on disk, rank R SIGKILLs itself.
 KILL_AT_STEP_ENV, KILL_RANK_ENV = "LING_TEST_KILL_AT_STEP", "LING_TEST_KILL_RANK"
@@ -60,40 +59,10 @@ def is_snapshot(path: Path | None) -> bool:
     return path is not None and path.parent.name == SNAPSHOTS_DIR and STEP_DIR.match(path.name) is not None
 
 
-def _manifest(path: Path) -> dict | None:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, unreadable, torn or not JSON: that rank's part is not there
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _rank_part_complete(step_dir: Path, rank: int, world_size: int) -> bool:
-    manifest = _manifest(step_dir / f"rank-{rank:05d}.json")
-    name = f"rank-{rank:05d}.pt"
-    if manifest is None or (manifest.get("world_size"), manifest.get("rank"), manifest.get("file")) != (
-            world_size, rank, name):
-        return False
-    try:  # rank 0's writer thread may be pruning this directory right now
-        size = (step_dir / name).stat().st_size
-    except OSError:
-        return False
-    return size == manifest.get("bytes") and "sha256" in manifest
-
-
 def complete_snapshots(directory: Path, world_size: int | None = None) -> list[Snapshot]:
     """Snapshots under `directory` whose every rank's manifest and file are in place, newest first
-    (only those written by `world_size` ranks when given). A damaged manifest counts as missing."""
-    found = []
-    for entry in directory.iterdir() if directory.is_dir() else ():
-        match = STEP_DIR.match(entry.name)
-        first = _manifest(entry / "rank-00000.json") if match else None
-        if first is None or not isinstance(first.get("world_size"), int):
-            continue
-        size = first["world_size"]
-        if (world_size is None or size == world_size) and all(_rank_part_complete(entry, r, size) for r in range(size)):
-            found.append(Snapshot(int(match.group(1)), entry, size))
-    return sorted(found, key=lambda snapshot: -snapshot.step)
+    (only those written by `world_size` ranks when given); ling_dist decides completeness."""
+    return list_snapshots(directory, world_size)[::-1]
 
 
 def choose_snapshot(candidates: list[Snapshot], rank: int, agree: Callable[[Snapshot, bool], bool]

@@ -83,20 +83,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def list_snapshots(directory: str | os.PathLike) -> list[Snapshot]:
-    """Complete snapshots under `directory`, oldest first (see the module docstring)."""
+def list_snapshots(directory: str | os.PathLike, world_size: int | None = None) -> list[Snapshot]:
+    """Complete snapshots under `directory`, oldest first (see the module docstring); only those
+    written by `world_size` ranks when given. A missing, unreadable or damaged manifest counts as
+    missing, so a resume falls back to the next older snapshot instead of failing."""
     directory = Path(directory)
     found = []
     for entry in directory.iterdir() if directory.is_dir() else ():
         match = STEP_DIR_PATTERN.match(entry.name)
-        if not match:
+        manifest = _read_manifest(entry / f"{rank_file_stem(0)}.json") if match else None
+        size = manifest.get("world_size") if manifest else None
+        if not isinstance(size, int) or (world_size is not None and size != world_size):
             continue
-        manifest = _read_manifest(entry / f"{rank_file_stem(0)}.json")
-        if manifest is None:
-            continue
-        world_size = manifest["world_size"]
-        if all(_rank_complete(entry, rank, world_size) for rank in range(world_size)):
-            found.append(Snapshot(int(match.group(1)), entry, world_size))
+        if all(_rank_complete(entry, rank, size) for rank in range(size)):
+            found.append(Snapshot(int(match.group(1)), entry, size))
     return sorted(found, key=lambda snapshot: snapshot.step)
 
 
@@ -108,22 +108,23 @@ def latest_complete(directory: str | os.PathLike) -> Snapshot | None:
 
 def _read_manifest(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, unreadable or not JSON: that rank's part is not there
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # never torn (renamed into place)
-        raise CheckpointError(f"{path}: manifest is not valid JSON ({error})") from None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _rank_complete(step_dir: Path, rank: int, world_size: int) -> bool:
+    """This rank's manifest names its own file, for this world size, and the file has the recorded size."""
     manifest = _read_manifest(step_dir / f"{rank_file_stem(rank)}.json")
-    if manifest is None:
+    name = f"{rank_file_stem(rank)}.pt"
+    if manifest is None or "sha256" not in manifest or (
+            manifest.get("world_size"), manifest.get("rank"), manifest.get("file")) != (world_size, rank, name):
         return False
-    if manifest.get("world_size") != world_size:
-        raise CheckpointError(f"{step_dir}/{rank_file_stem(rank)}.json: world_size {manifest.get('world_size')} "
-                              f"but rank 0 recorded {world_size}")
-    data = step_dir / manifest["file"]
-    return data.is_file() and data.stat().st_size == manifest["bytes"]
+    try:  # rank 0's writer thread may be pruning this directory while it is listed
+        return (step_dir / name).stat().st_size == manifest.get("bytes")
+    except OSError:
+        return False
 
 
 def load_snapshot(snapshot: Snapshot, rank: int, map_location: Any = "cpu") -> dict:
@@ -132,6 +133,8 @@ def load_snapshot(snapshot: Snapshot, rank: int, map_location: Any = "cpu") -> d
         raise CheckpointError(f"{snapshot.path}: written by {snapshot.world_size} ranks, no file for rank {rank} "
                               "(a different world size needs a resharding checkpoint, see ling_dist.migration)")
     manifest = _read_manifest(snapshot.path / f"{rank_file_stem(rank)}.json")
+    if manifest is None:
+        raise CheckpointError(f"{snapshot.path}: the manifest of rank {rank} is missing or damaged")
     data = (snapshot.path / manifest["file"]).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest["sha256"]:
