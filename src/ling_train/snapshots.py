@@ -36,7 +36,8 @@ import torch
 
 from ling_core import CheckpointError
 from ling_core.hf_io import write_text_atomic
-from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, list_snapshots, load_snapshot
+from ling_dist.flash_checkpoint import CheckpointError as DistCheckpointError
+from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, list_snapshots, load_snapshot, shards_like
 from ling_dist.snapshot_files import STEP_DIR_PATTERN as STEP_DIR
 from ling_train.config import RunConfig, RunConfigError
 from ling_train.trainer import Callback, Trainer
@@ -208,18 +209,11 @@ def fit_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def _as_shards_of(value: Any, like: Any) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(like, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-        local = like.to_local()
-        if value.shape != local.shape:
-            raise CheckpointError(f"snapshot shard of shape {tuple(value.shape)} where this rank holds "
-                                  f"{tuple(local.shape)}; resume with the flags and process count that wrote it")
-        return DTensor.from_local(value.to(local.device), like.device_mesh, like.placements, shape=like.shape,
-                                  stride=like.stride())
-    if isinstance(value, dict) and isinstance(like, dict):
-        return {key: _as_shards_of(item, like[key]) if key in like else item for key, item in value.items()}
-    return value
+    """ling_dist's `shards_like`, its error as ling-core's CheckpointError (a bad-input exit)."""
+    try:
+        return shards_like(value, like, "snapshot")
+    except DistCheckpointError as error:
+        raise CheckpointError(f"{error}; resume with the flags and process count that wrote it") from None
 
 
 class SnapshotCallback(Callback):

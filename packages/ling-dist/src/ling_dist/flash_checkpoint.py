@@ -40,7 +40,8 @@ from ling_dist.snapshot_files import (STEP_DIR_PATTERN, CheckpointError, Hashing
                                      latest_complete, list_snapshots, load_snapshot, rank_file_stem, step_dir_of,
                                      write_atomic)
 
-__all__ = ["CheckpointError", "FlashCheckpointer", "Snapshot", "latest_complete", "list_snapshots", "load_snapshot"]
+__all__ = ["CheckpointError", "FlashCheckpointer", "Snapshot", "latest_complete", "list_snapshots", "load_snapshot",
+           "shards_like"]
 
 logger = logging.getLogger(__name__)
 
@@ -290,11 +291,12 @@ class FlashCheckpointer:
             raise CheckpointError(f"{snapshot.path}: written by {snapshot.world_size} ranks, this job has "
                                   f"{self.world_size}; reshard with ling_dist.migration instead")
         state = load_snapshot(snapshot, self.rank, map_location)
-        return snapshot.step, (state if like is None else _as_like(state, like, snapshot.path))
+        return snapshot.step, (state if like is None else shards_like(state, like, snapshot.path))
 
 
-def _as_like(value: Any, like: Any, where: Path) -> Any:
-    """`value` with every tensor that is a DTensor in `like` rebuilt from its local shard."""
+def shards_like(value: Any, like: Any, where: str | os.PathLike) -> Any:
+    """`value` with every tensor that is a DTensor in `like` rebuilt from its local shard (a
+    snapshot holds each rank's local shards as plain tensors); `where` names the source in errors."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(like, DTensor):
@@ -304,8 +306,8 @@ def _as_like(value: Any, like: Any, where: Path) -> Any:
         local = value.to(like.to_local().device)
         return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
     if isinstance(value, dict) and isinstance(like, dict):
-        return {key: _as_like(item, like[key], where) if key in like else item for key, item in value.items()}
+        return {key: shards_like(item, like[key], where) if key in like else item for key, item in value.items()}
     if isinstance(value, (list, tuple)) and isinstance(like, (list, tuple)) and len(value) == len(like):
-        items = [_as_like(item, template, where) for item, template in zip(value, like)]
+        items = [shards_like(item, template, where) for item, template in zip(value, like)]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value
