@@ -131,7 +131,7 @@ def test_existing_run_is_not_overwritten(tmp_path, small_run_toml, run_cli):
     assert (out / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "delete_state"])
+@pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "delete_state", "mismatched_optimizer"])
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage, run_cli):
     out = tmp_path / "run"
     assert main(["--config", str(small_run_toml), "--steps", "4", "--out", str(out), "--no-progress"]) == 0
@@ -142,12 +142,18 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage
     elif damage == "truncate_state":
         f = ckpt / "trainer_state" / "state.pt"
         f.write_bytes(f.read_bytes()[:5000])
-    else:
+    elif damage == "delete_state":
         (ckpt / "trainer_state" / "state.pt").unlink()
+    else:  # loads, but its by-name optimizer state fits no parameter: found only once the optimizer exists
+        f = ckpt / "trainer_state" / "state.pt"
+        state = torch.load(f, weights_only=False)
+        state.update(optimizer_layout="whole", optimizer={"state": {}, "param_groups": [{"params": ["nope"]}]})
+        torch.save(state, f)
     before = (out / "metrics.jsonl").read_text()
     result = run_cli("--resume", str(ckpt), "--out", str(tmp_path / "next"))
     assert_one_line_error(result, str(ckpt))
     assert (out / "metrics.jsonl").read_text() == before
+    assert not (tmp_path / "next").exists()  # a failed start leaves no empty run directory behind
 
 
 def test_help_has_examples():

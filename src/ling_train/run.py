@@ -153,8 +153,6 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if resume_from is not None and not from_snapshot:
         load_weights(model, resume_from)
     trained = dist_run.wrap_model(setup, model)
-    if setup.is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -197,11 +195,6 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     callbacks.append(dist_checkpoint.SyncPointCheckpointer(save, config.checkpoint_every, setup.local_sgd,
                                                            setup.world_size)
                      if aedit else Checkpointer(save, config.checkpoint_every))
-    if config.snapshot_every:
-        callbacks.append(snapshots.snapshot_callback(
-            config, out, setup.rank, setup.world_size, optimizer, write=metrics.write, barrier=dist_run.barrier,
-            trainer_state=lambda: {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size,
-                                   "model": model.state_dict()}))
     callbacks.append(timer)
     if setup.world_size > 1 or setup.local_sgd is not None:
         callbacks.insert(1, dist_run.DistributedLogging(
@@ -219,6 +212,16 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         trainer.load_state_dict(trainer_state)
         if "local_model" in trainer_state:
             model.load_state_dict(trainer_state["local_model"])
+
+    # The run directory appears only once every rank has fitted what it resumes from: a mismatch
+    # found there (bad input, exit 2) leaves no empty --out behind.
+    dist_run.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    if config.snapshot_every:  # its FlashCheckpointer creates RUN/snapshots/
+        trainer.callbacks.insert(trainer.callbacks.index(timer), snapshots.snapshot_callback(
+            config, out, setup.rank, setup.world_size, optimizer, write=metrics.write, barrier=dist_run.barrier,
+            trainer_state=lambda: {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size,
+                                   "model": model.state_dict()}))
 
     if not setup.is_main:
         trainer.fit()
