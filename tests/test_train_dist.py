@@ -90,7 +90,7 @@ def test_bad_input_found_by_the_ranks_exits_2_with_one_line(tmp_path):
     expert_parallel = launch("--config", str(tmp_path / "three.toml"), "--steps", "2", "--out", str(tmp_path / "ep"),
                              "--dist", "fsdp", "--expert-parallel", "2")
     data = launch("--config", str(write_config(tmp_path)), "--steps", "2", "--out", str(tmp_path / "data"),
-                  "--dist", "ddp", "--data", str(tmp_path / "shards"))
+                  "--dist", "ddp", "--data", str(tmp_path / "shards"), "--max-restarts", "1")
     crash = subprocess.Popen([sys.executable, "-m", "ling_train.launch", "--standalone", "--nproc-per-node=2",
                               str(Path(__file__).with_name("crashing_rank.py")), "--dist", "ddp", "--no-progress",
                               "--out", str(tmp_path / "crash")],
@@ -102,6 +102,20 @@ def test_bad_input_found_by_the_ranks_exits_2_with_one_line(tmp_path):
     assert crash.returncode == 1, stderr[-3000:]
     assert "[rank1]: Traceback" in stderr and "RuntimeError: injected internal error on rank 1" in stderr, stderr
     assert "ChildFailedError" in stderr  # torchrun's report of which ranks failed
+
+
+def test_a_restart_after_bad_input_stops_before_doing_any_work(tmp_path, monkeypatch, capsys):
+    """torchrun --max-restarts restarts a rank that exited 2 like a crash; the restarted rank finds
+    the earlier attempt's one-line report and exits 2 at once, quietly (the launcher prints that
+    line), instead of repeating the same failing start. Without the report this argv would train."""
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    (errors / "rank-1.txt").write_text("ling-train: error: --data: bad\n")
+    monkeypatch.setenv("LING_TRAIN_ERROR_DIR", str(errors))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    config = write_config(tmp_path)
+    assert main(["--config", str(config), "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert not (tmp_path / "run").exists() and capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         from ling_train.align_cli import main as align_main
         return align_main(argv[1:])
     args = parser().parse_args(argv)
+    from ling_train.launch import failed_on_bad_input_before
+    if failed_on_bad_input_before():  # a --max-restarts restart after exit 2: the launcher prints that line
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     from ling_core import CheckpointError, ConfigError

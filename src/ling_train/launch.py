@@ -13,8 +13,10 @@ tracebacks, torchrun's log lines (held back until then) and its failure report a
 
 With `--max-restarts K` (`ling-train --nproc N --max-restarts K`) torchrun restarts every worker
 after a failure, up to K times, and the ranks resume from what the run saved
-(`ling_train.snapshots`); all of the above applies once the restarts are used up (a bad-input
-exit is restarted like a crash: torchrun cannot tell them apart).
+(`ling_train.snapshots`); all of the above applies once the restarts are used up. torchrun
+restarts a bad-input exit like a crash (it cannot tell them apart), but the restarted ranks find
+the first attempt's report in the error directory and exit 2 before doing any work
+(`failed_on_bad_input_before`): the input is still bad, so the restarts end in seconds.
 
 Run as `python -m ling_train.launch TORCHRUN_ARGS...` (what `cli.relaunch` does).
 """
@@ -42,6 +44,13 @@ def write_rank_report(kind: str, text: str) -> bool:
     temp.write_text(text, encoding="utf-8")
     temp.replace(path)
     return True
+
+
+def failed_on_bad_input_before() -> bool:
+    """In a rank started by this launcher: whether a rank of an earlier attempt (before a
+    `--max-restarts` restart) already failed on bad input, so this attempt would fail the same way."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    return bool(error_dir) and any(Path(error_dir).glob("rank-*.txt"))
 
 
 def rank_reports(error_dir: Path, kind: str) -> list[tuple[int, str]]:
