@@ -138,6 +138,33 @@ def test_loss_spike_rollback_replays_without_the_bad_batch(clean_run):
     assert_same_weights(model, clean_run[1][0], atol=1e-6)
 
 
+def test_rollback_waits_for_the_flash_snapshot_still_copying_the_weights(tmp_path):
+    """An overlapped flash snapshot taken at step 10 is still being copied when step 11's loss
+    spike rolls the weights back in place; the rollback must wait for the copy
+    (`before_state_rewrite`), else the snapshot is discarded (a CheckpointError at the end)."""
+    from ling_dist import FlashCheckpointer
+    from ling_train.snapshots import SnapshotCallback
+
+    live: dict = {}
+
+    class KeepStepTen(Callback):
+        def on_train_start(self, trainer):
+            live["trainer"] = trainer
+
+        def post_step(self, trainer, step, metrics):
+            if step == 10:
+                live["weights"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    snapshots = SnapshotCallback(FlashCheckpointer(tmp_path, overlap=True), 10,
+                                 lambda: {"model": live["trainer"].model.state_dict()}, lambda row: None,
+                                 rank=0, barrier=lambda: None)
+    _, events, _, trainer = run(STEPS, inserted={10: "unseen_tokens"}, extra_callbacks=[KeepStepTen(), snapshots],
+                                anomaly={"on_loss_spike": "rollback", "snapshot_every": 4})
+    assert [e["step"] for e in events if e["event"] == "rollback"] == [11] and trainer.step == STEPS
+    step, state = FlashCheckpointer(tmp_path).restore()
+    assert step == 10 and all(torch.equal(state["model"][k], v) for k, v in live["weights"].items())
+
+
 def test_expert_forced_dead_is_caught_and_rolled_back(clean_run):
     """Three batches of one repeated token send every token to the same 2 of 8 experts: the
     others get nothing for 3 steps in a row."""
@@ -233,11 +260,14 @@ def test_cli_run_with_anomaly_table_on_the_corpus(tmp_path, small_run_toml, caps
     config = tmp_path / "anomaly.toml"
     config.write_text(small_run_toml.read_text() + "\n[anomaly]\nmin_history = 5\nrouter_every = 1\n")
     out = tmp_path / "run"
-    assert main(["--config", str(config), "--steps", "12", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--config", str(config), "--steps", "12", "--out", str(out), "--no-progress",
+                 "--snapshot-every", "6"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["anomaly"]["interventions"] == 0 and summary["anomaly"]["counts"] == {}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert not [r for r in rows if r.get("event") not in (None, "checkpoint")]
+    assert not [r for r in rows if r.get("event") not in (None, "checkpoint", "snapshot")]
+    snapshot = torch.load(out / "snapshots" / "step-000000012" / "rank-00000.pt", weights_only=False)
+    assert len(snapshot["callbacks"]["AnomalyMonitor"]["detectors"]["loss"]) == 12  # a restart resumes the monitor
     assert "[anomaly]" in (out / "config.toml").read_text()
     assert json.loads((out / "anomaly_report.json").read_text())["step"] == 12
     state = torch.load(out / "checkpoints" / "step-12" / "trainer_state" / "state.pt", weights_only=False)

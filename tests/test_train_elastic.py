@@ -103,10 +103,7 @@ def test_resume_from_a_snapshot_in_one_process_is_bitwise(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def test_snapshots_refuse_anomaly_handling_and_aedit(tmp_path, capsys):
-    config = write_config(tmp_path, extra="snapshot_every = 2\n[anomaly]\n")
-    assert main(["--config", str(config), "--out", str(tmp_path / "x"), "--dry-run"]) == 2
-    assert "[anomaly]" in capsys.readouterr().err
+def test_snapshots_refuse_aedit(tmp_path, capsys):
     assert main(["--snapshot-every", "2", "--dist", "aedit", "--dry-run"]) == 2
     assert "aedit" in capsys.readouterr().err
     assert main(["--max-restarts", "1", "--dry-run"]) == 2

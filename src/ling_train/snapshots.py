@@ -245,6 +245,9 @@ class SnapshotCallback(Callback):
         self.fence()  # before optimizer.step(): a Local SGD exchange, then the inner step
         return False
 
+    def before_state_rewrite(self, trainer: Trainer) -> None:
+        self.fence()  # an anomaly rollback is about to copy older weights into the live tensors
+
     def fence(self) -> None:
         self.flash.wait_for_snapshot()
         if self.pending_row is not None:

@@ -2,7 +2,7 @@
 
 The loop knows nothing of logging, checkpoints or progress bars; those are callbacks with hooks
 `on_train_start`, `pre_step`, `skip_update`, `post_step`, `on_checkpoint`, `on_error`,
-`on_train_end`, so features (anomaly handling, in-training eval, Local SGD) plug in without
+`on_train_end` and `before_state_rewrite`, so features (anomaly handling, in-training eval, Local SGD) plug in without
 threading flags through the loop. A callback with `state_dict`/`load_state_dict` is saved and
 resumed with the trainer.
 """
@@ -34,6 +34,10 @@ class Callback:
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Any) -> None: ...
     def on_error(self, trainer: "Trainer", error: BaseException) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
+    def before_state_rewrite(self, trainer: "Trainer") -> None:
+        """Called (through `Trainer.before_state_rewrite`) before a callback rewrites weights or
+        optimizer state in place outside `optimizer.step()` (an anomaly rollback), so a background
+        copy of that state (a flash snapshot) can finish reading it first."""
 
 
 class Loader(Protocol):
@@ -152,6 +156,11 @@ class Trainer:
         # the ones registered before it (the metrics file) open.
         for cb in reversed(self.callbacks):
             cb.on_train_end(self)
+
+    def before_state_rewrite(self) -> None:
+        """Tell every callback that the state is about to be rewritten in place (see Callback)."""
+        for cb in self.callbacks:
+            cb.before_state_rewrite(self)
 
     # --- resumable state (everything but the weights, which are saved in HF layout) ---
     def state_dict(self) -> dict[str, Any]:
