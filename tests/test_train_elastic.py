@@ -20,6 +20,7 @@ import torch
 from ling_dist.flash_checkpoint import FlashCheckpointer
 from ling_train.cli import main
 from ling_train.config import RunConfigError
+from ling_train.dist_checkpoint import local_sgd_fingerprints
 from ling_train.snapshots import (KILL_AT_STEP_ENV, KILL_RANK_ENV, choose_snapshot, complete_snapshots,
                                   load_snapshot, resolve_resume)
 
@@ -103,9 +104,7 @@ def test_resume_from_a_snapshot_in_one_process_is_bitwise(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def test_snapshots_refuse_aedit(tmp_path, capsys):
-    assert main(["--snapshot-every", "2", "--dist", "aedit", "--dry-run"]) == 2
-    assert "aedit" in capsys.readouterr().err
+def test_max_restarts_needs_nproc(capsys):
     assert main(["--max-restarts", "1", "--dry-run"]) == 2
     assert "--max-restarts: needs --nproc" in capsys.readouterr().err
 
@@ -184,3 +183,33 @@ def test_sigkilled_fsdp_expert_parallel_worker_restarts_from_its_shards_bitwise(
     after = [r["loss"] for r in run_rows[restart:] if "loss" in r]
     assert len(before) == 1 and len(after) == 2 and before[0] == after[0]
     assert not list((tmp_path / "scratch" / "snapshots").glob("step-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigkilled_aedit_worker_restarts_from_a_sync_point_snapshot(tmp_path):
+    """A-EDiT's ranks reach step N at different times, so its snapshots are taken right after the
+    sync point where the agreed step total passes a multiple of N x ranks, named by rank 0's step.
+    Rank 1 is SIGKILLed after the first snapshot named 3 or later; the restart resumes from a
+    complete snapshot with exactly its anchor and outer momentum, and the job reaches its total.
+    (Not bitwise: the syncs follow wall time.)"""
+    config = write_config(tmp_path, extra="checkpoint_every = 0\n")
+    out = tmp_path / "killed"
+    summary = finish(launch(out, config, {KILL_AT_STEP_ENV: "3", KILL_RANK_ENV: "1"}, "--steps", "8",
+                            "--dist", "aedit", "--sync-seconds", "0.05", "--outer-momentum", "0.8",
+                            "--snapshot-every", "2", "--keep-snapshots", "50", "--max-restarts", "1"))
+    run_rows = rows(out)
+    restart = [r for r in run_rows if r.get("event") == "restart"]
+    assert len(restart) == 1 and restart[0]["step"] >= 3 and "snapshots/step-" in restart[0]["from"]
+    snapshot = Path(restart[0]["from"])
+    states = [load_snapshot(s, rank) for s in complete_snapshots(snapshot.parent) if s.path == snapshot
+              for rank in (0, 1)]
+    assert states[0]["step"] == restart[0]["step"]  # named by rank 0's step
+    local_sgd = [state["optimizer"] for state in states]  # one consistent cut: the same sync on both ranks
+    assert local_sgd[0]["global_inner_steps"] == local_sgd[1]["global_inner_steps"] >= 4
+    assert local_sgd[0]["outer_optimizer"]["state"], "no outer momentum in the snapshot"
+    resumed = next(r for r in run_rows[run_rows.index(restart[0]):] if r.get("event") == "resume")
+    expected = local_sgd_fingerprints(local_sgd[0])
+    assert {k: resumed[k] for k in expected} == expected
+    syncs = [r for r in run_rows if r.get("event") == "sync"]
+    assert syncs[-1]["global_inner_steps"] >= 16 and summary["syncs"] > 0

@@ -136,9 +136,6 @@ def validate_snapshots(config: "RunConfig", source: str) -> None:
     if config.snapshot_every < 0 or config.keep_snapshots < 1:
         raise RunConfigError(f"{source}: snapshot_every must be >= 0 and keep_snapshots >= 1, got "
                              f"{config.snapshot_every} and {config.keep_snapshots}")
-    if config.snapshot_every and config.dist == "aedit":
-        raise RunConfigError(f"{source}: snapshot_every (--snapshot-every) with --dist aedit: not supported (its "
-                             f"ranks reach step N at different times, so step-N snapshots are no consistent cut)")
 
 
 RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -221,7 +221,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         trainer.callbacks.insert(trainer.callbacks.index(timer), snapshots.snapshot_callback(
             config, out, setup.rank, setup.world_size, optimizer, write=metrics.write, barrier=dist_run.barrier,
             trainer_state=lambda: {**trainer.state_dict(), "dist": config.dist, "world_size": setup.world_size,
-                                   "model": model.state_dict()}))
+                                   "model": model.state_dict()}, local_sgd=setup.local_sgd, device=device))
 
     if not setup.is_main:
         trainer.fit()

@@ -17,8 +17,12 @@ main thread, and fall back to the next older snapshot if any rank's check fails)
 Fences: the snapshot is the state at `save()` only if nothing writes those tensors before the
 copy has read them. The inner torch optimizer's `step()` waits in a pre-step hook; this callback
 also waits in `skip_update`, i.e. before `LocalSGD.step()` (EDiT/A-EDiT finish their exchange there,
-before the inner step). The anomaly rollback and A-EDiT (ranks at different steps, so no common
-cut) are refused with snapshots (config.validate_snapshots).
+before the inner step), and in `before_state_rewrite`, i.e. before an anomaly rollback.
+
+A-EDiT's ranks take unequal numbers of steps, so "every N steps" is no common cut: there every
+rank snapshots right after the sync point at which the ranks' agreed step total passes a multiple
+of N x world size (`SyncPointSnapshots`, the same rule as its HF checkpoints), under rank 0's step
+as the name, so snapshot and checkpoint steps compare as they do for the other modes.
 """
 
 from __future__ import annotations
@@ -228,18 +232,27 @@ class SnapshotCallback(Callback):
         self.pending_row: dict | None = None
         self.kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0) if restart_attempt() == 0 else 0
 
+    def due(self, trainer: Trainer, step: int) -> int | None:
+        """The step to name a snapshot taken now, or None; every rank must agree."""
+        return step if step % self.every == 0 and trainer.step == step else None  # != : rolled back
+
     def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
-        if step % self.every == 0 and trainer.step == step:  # trainer.step != step: rolled back
+        name = self.due(trainer, step)
+        if name is not None:
             if self.rank == 0:
                 self.update_latest()
-            self.flash.save(step, self.state())
-            self.pending_row = {"event": "snapshot", "step": step, "save_s": self.flash.last_blocking_s}
-        if step == self.kill_at:
+            self.flash.save(name, self.state())
+            self.pending_row = {"event": "snapshot", "step": name, "save_s": self.flash.last_blocking_s}
+        if self.kill_now(step, name):
             self.fence()
             self.flash.wait()
             self.barrier()  # every rank's snapshots are on disk: the test knows where the restart resumes
             if self.rank == int(os.environ.get(KILL_RANK_ENV) or 0):
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_now(self, step: int, snapshot_name: int | None) -> bool:
+        """The test-only fault injection's moment: after step K (on every rank at once)."""
+        return step == self.kill_at
 
     def skip_update(self, trainer: Trainer, step: int, metrics: dict[str, Any], output: Any) -> bool:
         self.fence()  # before optimizer.step(): a Local SGD exchange, then the inner step
@@ -278,12 +291,47 @@ class SnapshotCallback(Callback):
             self.update_latest(prune=True)
 
 
+class SyncPointSnapshots(SnapshotCallback):
+    """A-EDiT's snapshots (see the module docstring): due at the sync point where the agreed step
+    total passes a multiple of `every` x world size; named by rank 0's step (one broadcast, at
+    that sync point only, where every rank is)."""
+
+    def __init__(self, *args, local_sgd, world_size: int, device: torch.device, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local_sgd, self.every_global, self.device = local_sgd, self.every * world_size, device
+        self.saved_mark = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.saved_mark = self.local_sgd.global_inner_steps // self.every_global
+
+    def due(self, trainer: Trainer, step: int) -> int | None:
+        import torch.distributed as dist
+
+        mark = self.local_sgd.global_inner_steps // self.every_global
+        if mark <= self.saved_mark:
+            return None
+        self.saved_mark = mark
+        name = torch.tensor([step], device=self.device)
+        dist.broadcast(name, src=0)
+        return int(name.item())
+
+    def kill_now(self, step: int, snapshot_name: int | None) -> bool:
+        """Ranks reach step K at different times here: the first snapshot named K or later instead
+        (a sync point, where every rank is)."""
+        return bool(self.kill_at) and snapshot_name is not None and snapshot_name >= self.kill_at
+
+
 def snapshot_callback(config: RunConfig, out: Path, rank: int, world_size: int, optimizer: torch.optim.Optimizer,
                       trainer_state: Callable[[], dict], write: Callable[[dict], None],
-                      barrier: Callable[[], None]) -> SnapshotCallback:
-    """The callback `run.train` adds under `--snapshot-every N`; `optimizer` is the inner torch one."""
+                      barrier: Callable[[], None], local_sgd=None, device: torch.device | None = None
+                      ) -> SnapshotCallback:
+    """The callback `run.train` adds under `--snapshot-every N`; `optimizer` is the inner torch one;
+    `local_sgd` (with `device`, for its broadcast) under --dist aedit."""
     flash = FlashCheckpointer(out / SNAPSHOTS_DIR, keep_last=config.keep_snapshots, optimizers=[optimizer],
                               rank=rank, world_size=world_size)
+    if config.dist == "aedit":
+        return SyncPointSnapshots(flash, config.snapshot_every, trainer_state, write, rank, barrier,
+                                  local_sgd=local_sgd, world_size=world_size, device=device)
     return SnapshotCallback(flash, config.snapshot_every, trainer_state, write, rank, barrier)
 
 
