@@ -32,7 +32,6 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
 
-
 from ling_core.hf_io import write_text_atomic
 from ling_train.anomaly.config import AnomalyConfig
 from ling_train.anomaly.detectors import Anomaly, ExpertCollapse, NonFinite, RouterEntropy, Spike, weights_finite
