@@ -55,7 +55,8 @@ def assert_carried_over(run: Path, checkpoint: Path) -> None:
 def test_fsdp_and_expert_parallel_resume_bitwise_and_on_one_process(tmp_path):
     """FSDP2 and FSDP2 + expert parallel write whole HF weights and a whole optimizer state; an
     interrupted 2-rank run resumed on 2 ranks matches the uninterrupted one bitwise, and on one
-    process continues from the same weights and optimizer state with the next batch in order."""
+    process (each of the two) continues from the same weights and optimizer state with the next
+    batch in order."""
     config = write_config(tmp_path, extra="checkpoint_every = 2\n")
     variants = {"fsdp": [], "ep": ["--expert-parallel", "2"]}
     full = {name: launch("--config", str(config), "--steps", "4", "--out", str(tmp_path / name), "--dist", "fsdp",
@@ -82,6 +83,11 @@ def test_fsdp_and_expert_parallel_resume_bitwise_and_on_one_process(tmp_path):
     one = losses(tmp_path / "one")
     assert one[3] == losses(tmp_path / "ep")[3] and one[4] < one[3]
     assert resume_event(tmp_path / "one")["from_world_size"] == 2
+    # 2 -> 1: plain FSDP2 (its shards gathered by name, then cut for one process).
+    in_process("--resume", str(tmp_path / "fsdp" / "checkpoints" / "step-2"), "--out", str(tmp_path / "one-fsdp"))
+    one = losses(tmp_path / "one-fsdp")
+    assert one[3] == losses(tmp_path / "fsdp")[3] and one[4] < one[3]
+    assert resume_event(tmp_path / "one-fsdp")["from_world_size"] == 2
 
 
 @pytest.mark.slow
