@@ -7,6 +7,7 @@ the longer scenarios are marked slow.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -62,12 +63,28 @@ def test_ddp_ranks_agree_and_diloco_h1_equals_ddp(tmp_path):
     (["--nproc", "2"], "--nproc: several processes need --dist"),
     (["--nproc", "2", "--dist", "fsdp", "--expert-parallel", "4"], "--expert-parallel 4: must divide --nproc 2"),
     (["--dist", "zero3"], "dist: unknown mode 'zero3'"),
+    (["--dist", "ddp", "--device", "mixed"], "(--device mixed) needs --dist diloco, edit or aedit"),
 ])
 def test_invalid_combinations_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_device_mixed_is_the_local_gpu_or_else_the_cpu(tmp_path, capsys):
+    """`--device mixed` picks, per process, cuda:LOCAL_RANK if that GPU exists, else the CPU (here,
+    one process: the same run as naming that device). The 2-rank CPU+GPU job: tests/test_train_gpu.py."""
+    config = write_config(tmp_path, extra="checkpoint_every = 0\n")
+    own = "cuda:0" if torch.cuda.is_available() else "cpu"
+    summaries = []
+    for name, device in (("mixed", "mixed"), ("own", own)):
+        assert main(["--config", str(config), "--dist", "diloco", "--device", device, "--steps", "2",
+                     "--out", str(tmp_path / name), "--no-progress"]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    assert summaries[0]["device"] == summaries[1]["device"] == own
+    assert summaries[0]["first_loss"] == summaries[1]["first_loss"]
+    assert summaries[0]["final_loss"] == summaries[1]["final_loss"]
 
 
 def assert_one_line_exit_2(process: subprocess.Popen, message: str) -> None:

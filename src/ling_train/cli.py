@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config TOML; flags override its values")
     p.add_argument("--data", help="file or directory of .txt/.jsonl documents, or a token shard directory "
                                    "from `ling-data tokenize` (default: embedded corpus)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mixed (default auto); mixed: each process on its GPU if it "
+                                     "has one, else the CPU, in one gloo group (Local SGD modes)")
     p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per step (default 16)")
     p.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default 128)")

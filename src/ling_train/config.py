@@ -40,7 +40,7 @@ class RunConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
+    device: str = "auto"  # auto: cuda if available, else cpu; mixed: each rank its GPU if it has one, else cpu
     precision: str = "auto"  # auto: bf16 autocast where the device supports it, else fp32
     data: str = ""  # "" = the embedded corpus; else a file or directory of .txt / .jsonl documents
     out: str = ""  # "" = runs/<size>-<timestamp>
@@ -122,6 +122,10 @@ def validate_dist(config: "RunConfig", source: str) -> None:
                              f"not {config.dist}")
     if config.sync_seconds and config.dist != "aedit":
         raise RunConfigError(f"{source}: sync_seconds (--sync-seconds) applies to --dist aedit, not {config.dist}")
+    if config.device == "mixed" and config.dist in ("ddp", "fsdp"):
+        raise RunConfigError(f"{source}: device = 'mixed' (--device mixed) needs --dist diloco, edit or aedit "
+                             f"(none for one process), not {config.dist}: DDP and FSDP2 exchange gradients "
+                             f"every step and need one kind of device")
     if config.expert_parallel and config.dist not in ("ddp", "fsdp"):
         raise RunConfigError(f"{source}: expert_parallel (--expert-parallel) needs --dist ddp or fsdp, "
                              f"not {config.dist}")

@@ -166,10 +166,13 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
     """Join torchrun's group (gloo on CPU, nccl on CUDA); a plain process stays alone."""
     if config.dist == "none":
         return DistSetup("none", 0, 1, device)
-    backend = "gloo" if device.type == "cpu" else None
-    rank, world_size, dist_device = init_distributed(backend=backend)
-    if device.type == "cuda":
-        device = dist_device
+    if config.device == "mixed":  # some ranks on CUDA, some on CPU: one gloo group (ling_dist stages)
+        rank, world_size, device = init_distributed(backend="gloo", device="auto")
+    else:
+        backend = "gloo" if device.type == "cpu" else None
+        rank, world_size, dist_device = init_distributed(backend=backend)
+        if device.type == "cuda":
+            device = dist_device
     if config.expert_parallel:
         if world_size % config.expert_parallel:
             raise RunConfigError(f"--expert-parallel {config.expert_parallel}: must divide the number of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,16 +30,21 @@ log = logging.getLogger("ling_train")
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a process computes on; for `mixed`, the local rank's GPU if there is one, else the
+    CPU (init_process_group then joins one gloo group, whatever each rank got)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "mixed":
+        local_rank = int(os.environ.get("LOCAL_RANK") or 0)
+        return torch.device("cuda", local_rank) if local_rank < torch.cuda.device_count() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RunConfigError(f"--device: unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+        raise RunConfigError(f"--device: unknown device {name!r}; expected auto, mixed, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunConfigError(f"--device: {name} requested but CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
-        raise RunConfigError(f"--device: {name!r} is not supported; expected auto, cpu, cuda or cuda:N")
+        raise RunConfigError(f"--device: {name!r} is not supported; expected auto, mixed, cpu, cuda or cuda:N")
     return device
 
 
