@@ -287,3 +287,31 @@ def _flash_snapshot_of_fsdp(rank: int, out_dir: str) -> None:
     torch.save({"step": step, "equal": all(torch.equal(a, b) for a, b in zip(continued, replayed)),
                 "sharded": type(state["model"]["blocks.0.mix.weight"]).__name__},
                Path(out_dir) / f"flash_fsdp-rank{rank}.pt")
+
+
+def mixed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """A rank of a real mixed CPU+CUDA job (run with one visible GPU: rank 0 gets cuda:0, rank 1
+    the CPU). Exercises what Local SGD and expert parallel send across the two kinds of device:
+    ling_dist.collectives with automatic staging, and the plain gloo collectives local_sgd.py
+    calls on device tensors (async all_reduce, broadcast, all_gather_into_tensor)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from ling_dist import collectives, init_distributed
+
+    _, _, device = init_distributed(device="auto")
+    summed = collectives.all_reduce(torch.arange(5.0, device=device) * (rank + 1))
+    rows = torch.arange(3 * world_size, dtype=torch.float32, device=device).reshape(-1, 1) + 100 * rank
+    received = torch.empty(3 * world_size, 1, device=device)
+    collectives.all_to_all_single(received, rows, None, None)
+    flat = torch.full((7,), float(rank + 1), device=device)
+    dist.all_reduce(flat, async_op=True).wait()
+    anchor = torch.arange(4.0, device=device) if rank == 0 else torch.zeros(4, device=device)
+    dist.broadcast(anchor, src=0)
+    gathered = torch.empty(world_size, device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([float(rank)], device=device))
+    torch.save({"device": device.type, "summed": summed.cpu(), "received": received.cpu(), "flat": flat.cpu(),
+                "anchor": anchor.cpu(), "gathered": gathered.cpu()}, Path(out_dir) / f"mixed-rank{rank}.pt")
+    dist.destroy_process_group()

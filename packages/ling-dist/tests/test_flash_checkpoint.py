@@ -248,3 +248,25 @@ def test_copy_on_this_thread_equals_copy(numel, dtype, transposed, seed) -> None
     buffer = torch.empty(source.shape, dtype=dtype)
     copy_on_this_thread(buffer, source)
     assert buffer.dtype == dtype and torch.equal(buffer, expected)  # finite values: equal is bitwise here
+
+
+@pytest.mark.gpu
+def test_overlapped_snapshot_of_cuda_state_goes_through_pinned_memory(tmp_path) -> None:
+    """On CUDA the copy is a non-blocking device-to-host copy into pinned buffers, synchronised on
+    the writer thread; the optimizer step after save() must wait for it (the fence)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    checkpointer = FlashCheckpointer(tmp_path, optimizers=[optimizer])
+    for step in range(3):
+        model(torch.randn(32, 256, device="cuda")).square().mean().backward()
+        before = {"model": {k: v.cpu() for k, v in model.state_dict().items()}}
+        checkpointer.save(step, {"model": model.state_dict()})
+        optimizer.step()  # fenced: waits for the copy before overwriting the parameters
+        optimizer.zero_grad()
+        checkpointer.wait()
+        restored = FlashCheckpointer(tmp_path).restore()[1]
+        assert_same(restored, before)
+    assert all(buffer.is_pinned() for buffer in checkpointer._buffers.values())
+    checkpointer.close()
+

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from parallel_testing import parallel_worker, reference
+from parallel_testing import mixed_worker, parallel_worker, reference
 
 
 def free_port() -> int:
@@ -70,3 +70,22 @@ def check_staged(tmp_path, world_size: int) -> None:
         for summed, received in (direct, staged):
             assert torch.equal(summed, expected_sum)
             assert torch.equal(received, expected_rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.dist
+def test_mixed_cpu_and_cuda_ranks_exchange_exactly(tmp_path, monkeypatch) -> None:
+    """One GPU visible, 2 ranks: rank 0 computes on cuda:0, rank 1 on the CPU, one gloo group. The
+    staged and the plain gloo collectives give the CPU-only results exactly (small integers)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    mp.start_processes(mixed_worker, nprocs=2, start_method="spawn", args=(2, free_port(), str(tmp_path)))
+    results = [torch.load(tmp_path / f"mixed-rank{rank}.pt") for rank in range(2)]
+    assert [r["device"] for r in results] == ["cuda", "cpu"]
+    for rank, result in enumerate(results):
+        assert torch.equal(result["summed"], torch.arange(5.0) * 3)
+        chunk = torch.arange(3 * rank, 3 * rank + 3, dtype=torch.float32).reshape(-1, 1)
+        assert torch.equal(result["received"], torch.cat([chunk, chunk + 100]))
+        assert torch.equal(result["flat"], torch.full((7,), 3.0))
+        assert torch.equal(result["anchor"], torch.arange(4.0))
+        assert torch.equal(result["gathered"], torch.tensor([0.0, 1.0]))
+
