@@ -20,7 +20,8 @@ import torch
 from ling_train.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make the helpers importable
-from train_dist_testing import finish, launch, rank_states, rows, weights, write_config  # noqa: E402
+from train_dist_testing import (assert_eval_row_matches_checkpoint, finish, launch, rank_states, rows,  # noqa: E402
+                                weights, write_config)
 
 pytestmark = pytest.mark.dist
 
@@ -166,9 +167,11 @@ def test_edit_resume_mid_interval_reproduces_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_aedit_and_fsdp_train_to_a_finite_loss(tmp_path):
-    config = write_config(tmp_path, extra="checkpoint_every = 0\n")
+    """A-EDiT also evaluates in training: its ranks reach `step % N` at different times, so rank 0
+    scores its own weights alone (no collective that could hang)."""
+    config = write_config(tmp_path, extra="checkpoint_every = 0\neval_limit = 4\n")
     aedit = launch("--config", str(config), "--steps", "6", "--out", str(tmp_path / "aedit"), "--dist", "aedit",
-                   "--sync-seconds", "0.3")
+                   "--sync-seconds", "0.3", "--eval-every", "2")
     fsdp = launch("--config", str(config), "--steps", "4", "--out", str(tmp_path / "fsdp"), "--dist", "fsdp")
     aedit_summary, fsdp_summary = finish(aedit), finish(fsdp)
     assert math.isfinite(aedit_summary["final_loss"]) and math.isfinite(fsdp_summary["final_loss"])
@@ -177,6 +180,12 @@ def test_aedit_and_fsdp_train_to_a_finite_loss(tmp_path):
     assert syncs and syncs[-1]["global_inner_steps"] >= 12  # stopped on all ranks' steps, agreed at a sync
     state = rank_states(tmp_path / "aedit" / "checkpoints" / f"step-{aedit_summary['steps']}")
     assert state[0]["params_sha256"] == state[1]["params_sha256"]  # ended on a sync
+    # rank 0's eval rows at its own steps 2, 4, ... and at its last step, written once each
+    evals = [r for r in rows(tmp_path / "aedit") if "eval/facts_mc" in r]
+    last = aedit_summary["steps"]
+    assert [r["step"] for r in evals] == [*range(2, last + 1, 2), *([last] if last % 2 else [])]
+    assert all(r["eval_weights"] == "rank0_local" for r in evals)
+    assert_eval_row_matches_checkpoint(evals[-1], Path(aedit_summary["checkpoint"]), ["facts_mc", "corpus_ppl"], 4)
 
 
 @pytest.mark.slow
@@ -184,12 +193,13 @@ def test_plus_structure_fsdp_expert_parallel_at_reduced_width(tmp_path):
     """`--size plus` keeps its structure (first dense layer, shared experts, top-k, norm head) with
     [model] overrides shrinking widths, layers and experts; FSDP2 + expert parallel over 2 ranks."""
     config = tmp_path / "plus.toml"
-    config.write_text('size = "plus"\nseq_len = 32\nbatch_size = 2\nwarmup_steps = 1\ncheckpoint_every = 0\n\n'
+    config.write_text('size = "plus"\nseq_len = 32\nbatch_size = 2\nwarmup_steps = 1\ncheckpoint_every = 0\n'
+                      'eval_limit = 4\n\n'
                       "[model]\nvocab_size = 512\nhidden_size = 64\nintermediate_size = 128\nnum_hidden_layers = 3\n"
                       "num_attention_heads = 2\nnum_key_value_heads = 1\nhead_dim = 32\nnum_experts = 8\n"
                       "moe_intermediate_size = 32\n")
     with_ep = launch("--config", str(config), "--steps", "3", "--out", str(tmp_path / "plus"),
-                     "--dist", "fsdp", "--expert-parallel", "2")
+                     "--dist", "fsdp", "--expert-parallel", "2", "--eval-every", "2")
     without_ep = launch("--config", str(config), "--steps", "3", "--out", str(tmp_path / "fsdp"), "--dist", "fsdp")
     summary, _ = finish(with_ep), finish(without_ep)
     assert summary["world_size"] == 2 and math.isfinite(summary["final_loss"])
@@ -201,3 +211,9 @@ def test_plus_structure_fsdp_expert_parallel_at_reduced_width(tmp_path):
     assert [r["loss"] for r in ep] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
     assert [r["grad_norm"] for r in ep] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-4)
     assert ep[0]["grad_norm"] > 1.0  # the default clip (1.0) was active, so the clip scale was tested too
+    # In-training eval of sharded weights (FSDP2 shards and experts gathered whole to rank 0) at
+    # steps 2 and 3 (the end); the last row is the final checkpoint's score, evaluated here.
+    evals = [r for r in rows(tmp_path / "plus") if "eval/facts_mc" in r]
+    assert [r["step"] for r in evals] == [2, 3] and all(r["eval_weights"] == "global" for r in evals)
+    assert summary["eval"] == evals[-1]
+    assert_eval_row_matches_checkpoint(evals[-1], Path(summary["checkpoint"]), ["facts_mc", "corpus_ppl"], 4)

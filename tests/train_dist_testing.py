@@ -62,3 +62,19 @@ def rank_states(checkpoint: Path) -> list[dict]:
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return from_pretrained(checkpoint).state_dict()
+
+
+def assert_eval_row_matches_checkpoint(row: dict, checkpoint: Path, tasks: list[str], limit: int) -> None:
+    """An in-training eval row equals ling-eval run in this process on the checkpoint of the same
+    weights. Tolerance rel 1e-4: fp32 on both sides, differing only in summation order (one
+    thread in the ranks, several here); one flipped choice would move an accuracy by >= 1/limit."""
+    import pytest
+    from ling_eval import evaluate
+    from ling_train.eval_callback import eval_row, load_eval_tasks
+    from ling_train.eval_model import load_checkpoint
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    expected = eval_row(row["step"], evaluate(model, tokenizer, load_eval_tasks(tasks), limit=limit,
+                                              keep_predictions=False))
+    scored, reference = ({k: v for k, v in r.items() if k.startswith("eval/")} for r in (row, expected))
+    assert scored == pytest.approx(reference, rel=1e-4), (scored, reference)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ling_core import CheckpointError, LingForCausalLM, from_pretrained
+from ling_core import CheckpointError, LingConfig, LingForCausalLM, from_pretrained
 from ling_core.model import Attention, rope_cos_sin
 from ling_eval import CheckpointLoadError, EvalModel
 from ling_kernels import apply_rope
@@ -95,6 +95,16 @@ def ling_eval_model(model: LingForCausalLM, max_length: int | None = None) -> Ev
 
     return EvalModel(forward, lambda ids, cache, attention_mask=None: extend(model, ids, cache, attention_mask),
                      max_length=max_length or model.config.max_position_embeddings, device=device)
+
+
+def model_from_state(config: LingConfig, state: dict[str, torch.Tensor], device: str | torch.device) -> LingForCausalLM:
+    """A plain LingForCausalLM holding `state`'s tensors, moved to `device` (shared, not copied,
+    when already there): in-training eval scores this instead of the trained module, whose hooks
+    (FSDP2's all-gathers, EDiT's sync pre-hooks) must not run in an eval forward."""
+    with torch.device("meta"):
+        model = LingForCausalLM(config)
+    model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()}, assign=True)
+    return model
 
 
 def find_tokenizer(checkpoint: Path) -> Path:

@@ -19,7 +19,7 @@ from ling_data import PackedLoader, TokenLoader, cached_tokenizer, embedded_corp
 from ling_data import DataError, is_shard_dir, load_manifest
 from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
-from ling_train.eval_callback import EvalCallback, load_eval_tasks
+from ling_train.eval_callback import EvalCallback, load_eval_tasks, scored_weights
 from ling_train.config import RunConfig, RunConfigError
 from ling_train import dist_checkpoint, snapshots
 from ling_train import distributed as dist_run
@@ -209,8 +209,10 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     trainer = Trainer(trained, stepped, scheduler, anomaly.loader if anomaly else data.loader,
                       TrainerSettings(total_steps, config.grad_clip, autocast_dtype, setup.clip_gradients), device, callbacks)
     if eval_tasks is not None:
+        weights, label = scored_weights(setup, config, model)
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
-                                                 limit=config.eval_limit or None, seed=config.seed))
+                                                 weights, model_config, label, limit=config.eval_limit or None,
+                                                 seed=config.seed))
     if trainer_state is not None:
         trainer_state = (snapshots.fit_state(trainer_state, model, optimizer) if from_snapshot else
                          dist_checkpoint.fit_resume_state(trainer_state, setup, model, optimizer, data.loader,
