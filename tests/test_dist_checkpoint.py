@@ -1,15 +1,21 @@
-"""The world-size rules of `ling_train.dist_checkpoint`, without processes: where a loader resumes
-when the process count changes, and how Local SGD's per-worker state is remapped."""
+"""The world-size and --dist rules of `ling_train.dist_checkpoint`, without processes: where a
+loader resumes when the process count changes, how Local SGD's per-worker state is remapped, and
+how the optimizer state moves between --dist modes."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from ling_data import PackedLoader
 from ling_dist import local_sgd_state_for_world_size
-from ling_train.dist_checkpoint import loader_state_for_world_size
+from ling_train.config import RunConfig
+from ling_train.dist_checkpoint import loader_state_for_world_size, optimizer_for_this_run, optimizer_sha256, source_rank
+from ling_train.distributed import DistSetup, wrap_optimizer
 
 
 def windows_of(batch: torch.Tensor, seq_len: int) -> set[int]:
@@ -64,3 +70,44 @@ def test_local_sgd_per_worker_state_maps_new_rank_r_to_old_rank_r_mod_n():
     assert len(state["weighting"]["trackers"]) == 2  # the input is not modified
     no_penalty = {"anchor": anchor, "weighting": {}}
     assert local_sgd_state_for_world_size(no_penalty, 3) == no_penalty
+
+
+def test_new_ranks_resume_old_rank_0_when_leaving_local_sgd_or_aedit():
+    rank_1_of_2 = {(a, b): source_rank(1, 2, a, b) for a, b in [("edit", "edit"), ("ddp", "edit"), ("edit", "aedit"),
+                                                                  ("edit", "ddp"), ("diloco", "fsdp"), ("aedit", "edit")]}
+    assert rank_1_of_2 == {("edit", "edit"): 1, ("ddp", "edit"): 1, ("edit", "aedit"): 1,
+                           ("edit", "ddp"): 0, ("diloco", "fsdp"): 0, ("aedit", "edit"): 0}
+
+
+def test_optimizer_state_moves_between_dist_modes():
+    """ddp -> edit -> diloco -> aedit -> ddp, and ddp -> fsdp (one process: the by-name round trip):
+    the inner optimizer state arrives as saved at every hop; entering Local SGD anchors at the
+    weights with no momentum; between Local SGD modes anchor, momentum and counters carry over
+    under the new mode's schedule and weighting (which the old state would fail to load into)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    plain_optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    plain_optimizer.step()
+    saved = copy.deepcopy(plain_optimizer.state_dict())
+
+    def resume(state: dict, mode: str, **flags):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        setup = DistSetup(mode, 0, 2, torch.device("cpu"))
+        stepped = wrap_optimizer(setup, RunConfig(dist=mode, **flags), model, optimizer)
+        stepped.load_state_dict(optimizer_for_this_run({**state, "step": 5}, setup, model, optimizer))
+        assert optimizer_sha256(optimizer.state_dict()) == optimizer_sha256(saved), (state["dist"], mode)
+        return stepped, setup.local_sgd
+
+    edit, lsgd = resume({"dist": "ddp", "optimizer": saved}, "edit", sync_every=4)
+    assert all(torch.equal(a, p) for a, p in zip(lsgd.anchor, model.parameters()))
+    assert not lsgd.outer_optimizer.state and (lsgd.syncs, lsgd.global_inner_steps) == (0, 5 * 2)
+    edit_state = {**edit.state_dict(), "syncs": 3, "weighting": {"trackers": [(1.0, 0.1, 3)] * 2}}
+    edit_state["anchor"] = [a + 1 for a in edit_state["anchor"]]
+    diloco, lsgd = resume({"dist": "edit", "optimizer": edit_state}, "diloco", sync_every=2)
+    assert lsgd.syncs == 3 and lsgd.policy.sync_every == 2
+    assert all(torch.equal(a, p + 1) for a, p in zip(lsgd.anchor, model.parameters()))
+    aedit, lsgd = resume({"dist": "diloco", "optimizer": diloco.state_dict()}, "aedit", sync_seconds=1.0)
+    assert lsgd.syncs == 3 and lsgd.weighting.trackers == []  # DiLoCo's token weighting has no statistics
+    resume({"dist": "aedit", "optimizer": aedit.state_dict()}, "ddp")
+    resume({"dist": "ddp", "optimizer": saved}, "fsdp")

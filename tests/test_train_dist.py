@@ -136,16 +136,6 @@ def test_a_restart_after_bad_input_stops_before_doing_any_work(tmp_path, monkeyp
     assert not (tmp_path / "run").exists() and capsys.readouterr().err == ""
 
 
-@pytest.mark.slow
-def test_resuming_a_checkpoint_of_another_layout_exits_2_with_one_line(tmp_path):
-    """The ranks read the checkpoint's trainer state and find it written by one process."""
-    config = write_config(tmp_path, extra="checkpoint_every = 1\n")
-    assert main(["--config", str(config), "--steps", "1", "--out", str(tmp_path / "single"), "--no-progress"]) == 0
-    step1 = tmp_path / "single" / "checkpoints" / "step-1"
-    mismatched = launch("--resume", str(step1), "--steps", "2", "--out", str(tmp_path / "mismatched"), "--dist", "ddp")
-    assert_one_line_exit_2(mismatched, f"--resume {step1}: written by --dist none, this run has --dist ddp")
-
-
 def test_edit_resume_mid_interval_reproduces_the_uninterrupted_run(tmp_path):
     """EDiT, 2 ranks, sync every 2 steps; the step-3 checkpoint is mid-interval, so it must carry
     each rank's own weights, the anchor, the outer momentum and the penalty's EWMA."""

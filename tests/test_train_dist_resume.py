@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from ling_train.cli import main
-from ling_train.dist_checkpoint import local_sgd_fingerprints
+from ling_core import from_pretrained
+from ling_train.dist_checkpoint import local_sgd_fingerprints, optimizer_sha256, tensors_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make the helpers importable
 from train_dist_testing import finish, launch, rank_states, rows, weights, write_config  # noqa: E402
@@ -169,14 +170,60 @@ def test_aedit_checkpoints_at_sync_points_and_resumes(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows(tmp_path / "resumed") if "loss" in r)
 
 
+@pytest.mark.slow
+def test_resume_under_another_dist_ddp_to_edit_and_back(tmp_path):
+    """`--dist ddp` (one process) -> `edit` on 2 ranks -> `ddp` on 2 ranks from a mid-interval EDiT
+    checkpoint. Each leg continues from the saved weights and batch (its first loss equals the
+    previous run's at that step), holds the saved inner optimizer state (fingerprinted in the
+    `resume` event); entering EDiT anchors at the resumed weights with zero momentum and counters;
+    leaving it, both DDP ranks take rank 0's weights and optimizer state (they stay identical)."""
+    config = write_config(tmp_path, extra="checkpoint_every = 2\n")
+    in_process("--config", str(config), "--dist", "ddp", "--steps", "3", "--out", str(tmp_path / "ddp"))
+    ddp_checkpoint = tmp_path / "ddp" / "checkpoints" / "step-2"
+    # EDiT from step 2, syncing every 3 steps: its step-4 checkpoint is mid-interval, its one sync at step 5.
+    finish(launch("--resume", str(ddp_checkpoint), "--out", str(tmp_path / "edit"), "--dist", "edit",
+                  "--sync-every", "3", "--steps", "5"))
+    edit_checkpoint = tmp_path / "edit" / "checkpoints" / "step-4"
+    finish(launch("--resume", str(edit_checkpoint), "--out", str(tmp_path / "back"), "--dist", "ddp"))
+
+    saved = torch.load(ddp_checkpoint / "trainer_state" / "state.pt", weights_only=False)["optimizer"]
+    assert len(saved["state"]) == len(list(from_pretrained(ddp_checkpoint).parameters()))  # AdamW moments, all
+    event = resume_event(tmp_path / "edit")
+    assert [event[k] for k in ("from_dist", "dist", "from_world_size", "world_size")] == ["ddp", "edit", 1, 2]
+    assert event["optimizer_sha256"] == optimizer_sha256(saved)
+    resumed = [p.float() for p in from_pretrained(ddp_checkpoint).parameters()]
+    assert event["anchor_sha256"] == tensors_sha256(resumed) and event["outer_momentum_sha256"] == tensors_sha256([])
+    edit = losses(tmp_path / "edit")
+    assert sorted(edit) == [3, 4, 5] and edit[3] == losses(tmp_path / "ddp")[3]  # same weights, same batch
+    syncs = [r for r in rows(tmp_path / "edit") if r.get("event") == "sync"]
+    assert [(r["step"], r["index"], r["global_inner_steps"]) for r in syncs] == [(5, 1, 2 * 2 + 3 * 2)]
+
+    states = rank_states(edit_checkpoint)
+    assert states[0]["params_sha256"] != states[1]["params_sha256"]  # mid-interval: the ranks' weights differ
+    event = resume_event(tmp_path / "back")
+    assert [event[k] for k in ("from_dist", "dist")] == ["edit", "ddp"]
+    assert event["optimizer_sha256"] == optimizer_sha256(states[0]["optimizer"]["inner_optimizer"])
+    back = losses(tmp_path / "back")
+    assert back == {5: edit[5]} and math.isfinite(back[5])  # rank 0's weights and batch: rank 0's loss
+    final = rank_states(tmp_path / "back" / "checkpoints" / "step-5")
+    assert final[0]["params_sha256"] == final[1]["params_sha256"]
+
+
 def test_plain_checkpoint_cannot_resume_under_expert_parallel(tmp_path, capsys):
     """The one remaining refusal: a per-rank (by position) optimizer state cannot be cut into
-    expert-parallel shards. Exit 2, one line, before anything is written."""
+    expert-parallel shards. Exit 2, one line, before anything is written. Into `--dist fsdp`
+    without expert parallel it maps (by parameter name): the resumed process holds it as saved."""
     config = write_config(tmp_path, extra="checkpoint_every = 0\n")
     in_process("--config", str(config), "--steps", "1", "--out", str(tmp_path / "plain"), "--dist", "ddp")
     capsys.readouterr()
-    assert main(["--resume", str(tmp_path / "plain"), "--out", str(tmp_path / "ep"), "--expert-parallel", "1",
-                 "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "written without --expert-parallel" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "ep").exists()
+    for flags in (["--expert-parallel", "1"], ["--dist", "fsdp", "--expert-parallel", "1"]):
+        assert main(["--resume", str(tmp_path / "plain"), "--out", str(tmp_path / "ep"), *flags, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "written without --expert-parallel (--dist ddp" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "ep").exists()
+    in_process("--resume", str(tmp_path / "plain"), "--out", str(tmp_path / "fsdp"), "--dist", "fsdp", "--steps", "2")
+    saved = torch.load(tmp_path / "plain" / "checkpoints" / "step-1" / "trainer_state" / "state.pt",
+                       weights_only=False)["optimizer"]
+    event = resume_event(tmp_path / "fsdp")
+    assert [event[k] for k in ("from_dist", "dist")] == ["ddp", "fsdp"] and saved["state"]
+    assert event["optimizer_sha256"] == optimizer_sha256(saved)

@@ -114,8 +114,10 @@ def build_config(args: argparse.Namespace):
         if not args.out:  # default: continue in the run the checkpoint belongs to
             flags["out"] = str(resume_from.parent.parent)
     toml_values = load_toml(args.config) if args.config else {}
+    from ling_train.config import LOCAL_SGD_MODES, settings_for_dist
+    if base:  # resuming, perhaps under another --dist (ling_train.dist_checkpoint)
+        base = settings_for_dist(base, flags["dist"] or toml_values.get("dist") or base.get("dist", "none"))
     config = resolve({**base, **toml_values}, flags, source=args.config or "flags")
-    from ling_train.config import LOCAL_SGD_MODES
     for flag in ("outer_lr", "outer_momentum"):
         if flags[flag] is not None and config.dist not in LOCAL_SGD_MODES:
             raise UsageError(f"--{flag.replace('_', '-')}: applies to --dist diloco, edit or aedit, not {config.dist}")

@@ -110,6 +110,16 @@ class RunConfig:
         return tomli_w.dumps(d)
 
 
+# Settings that only some --dist modes take (0: off / the mode's default).
+MODE_SETTINGS = {"sync_every": ("diloco", "edit"), "sync_seconds": ("aedit",), "expert_parallel": ("ddp", "fsdp")}
+
+
+def settings_for_dist(values: dict[str, Any], dist: str) -> dict[str, Any]:
+    """A checkpoint's run config continued under `dist`, which may be another --dist: the old
+    mode's settings that `dist` does not take are dropped, so that its own defaults apply."""
+    return {k: v for k, v in values.items() if k not in MODE_SETTINGS or dist in MODE_SETTINGS[k]}
+
+
 def validate_dist(config: "RunConfig", source: str) -> None:
     """Combinations of the `--dist` family that make no sense, as RunConfigError (exit 2)."""
     modes = ("none", "ddp", "fsdp", *LOCAL_SGD_MODES)
@@ -117,16 +127,16 @@ def validate_dist(config: "RunConfig", source: str) -> None:
         raise RunConfigError(f"{source}: dist: unknown mode {config.dist!r}; expected one of {', '.join(modes)}")
     if config.sync_every < 0 or config.sync_seconds < 0 or config.expert_parallel < 0:
         raise RunConfigError(f"{source}: sync_every, sync_seconds and expert_parallel must be >= 0")
-    if config.sync_every and config.dist not in ("diloco", "edit"):
+    if config.sync_every and config.dist not in MODE_SETTINGS["sync_every"]:
         raise RunConfigError(f"{source}: sync_every (--sync-every) applies to --dist diloco or edit, "
                              f"not {config.dist}")
-    if config.sync_seconds and config.dist != "aedit":
+    if config.sync_seconds and config.dist not in MODE_SETTINGS["sync_seconds"]:
         raise RunConfigError(f"{source}: sync_seconds (--sync-seconds) applies to --dist aedit, not {config.dist}")
     if config.device == "mixed" and config.dist in ("ddp", "fsdp"):
         raise RunConfigError(f"{source}: device = 'mixed' (--device mixed) needs --dist diloco, edit or aedit "
                              f"(none for one process), not {config.dist}: DDP and FSDP2 exchange gradients "
                              f"every step and need one kind of device")
-    if config.expert_parallel and config.dist not in ("ddp", "fsdp"):
+    if config.expert_parallel and config.dist not in MODE_SETTINGS["expert_parallel"]:
         raise RunConfigError(f"{source}: expert_parallel (--expert-parallel) needs --dist ddp or fsdp, "
                              f"not {config.dist}")
     if not 0 <= config.outer_momentum < 1 or config.outer_lr <= 0:

@@ -19,6 +19,21 @@ migrates exactly; one taken mid-interval drops the progress of old ranks with no
 counts once, since it averages). The loader continues after the windows the old ranks consumed
 this epoch (see `loader_state_for_world_size`). The scheduler continues by step (a step then
 processes batch_size x new world size sequences).
+
+Resuming under another `--dist` (e.g. a run moved from a homogeneous cluster under `ddp` to
+heterogeneous ones under `edit`, or back): weights, step, scheduler and loader position carry over
+as above, and so does the inner optimizer state, converted (`optimizer_for_this_run`): taken out of
+a Local SGD state, put into one, and between the per-position and the whole layout (by name, via
+`ling_dist.optimizer_state_by_name`). Entering Local SGD, the anchor is the resumed weights, the
+outer momentum and sync counters start at zero, and `global_inner_steps` at step x world size (the
+work done so far, as A-EDiT counts it to stop). Between Local SGD modes the anchor, outer momentum
+and counters carry over; the sync schedule and, where it differs (DiLoCo's token weighting vs the
+EDiT penalty), the weighting state are the new run's. Leaving Local SGD (or A-EDiT, whose ranks
+take unequal numbers of steps, for a step-locked mode), every new rank resumes old rank 0's state:
+the HF weights are rank 0's own (the anchor at a sync point; mid-interval, the other ranks'
+progress since the last sync is dropped) and DDP ranks need one optimizer state and step count.
+Not mappable, refused: a per-position state into `--expert-parallel`, whose ranks lack the experts
+other ranks own (the optimizer cannot be keyed by name there).
 """
 
 from __future__ import annotations
@@ -31,11 +46,11 @@ import torch
 
 from ling_core import CheckpointError
 from ling_dist import (full_model_state_dict, full_optimizer_state_dict, local_optimizer_state_dict,
-                       local_sgd_state_for_world_size)
+                       local_sgd_state_for_world_size, optimizer_state_by_name)
 from ling_train import checkpoint as ckpt
 from ling_train import distributed as dist_run
 from ling_train.callbacks import Checkpointer
-from ling_train.config import RunConfig, RunConfigError
+from ling_train.config import LOCAL_SGD_MODES, RunConfig, RunConfigError
 
 WHOLE = "whole"  # optimizer_layout: one whole optimizer state by parameter name, in state.pt
 
@@ -96,24 +111,55 @@ class SyncPointCheckpointer(Checkpointer):
             self._save(trainer, step)
 
 
+def source_rank(rank: int, saved_world: int, saved_dist: str, dist: str) -> int:
+    """The old rank whose per-rank state new rank `rank` resumes: r mod old size, except old rank 0
+    on every rank when leaving Local SGD, or A-EDiT for a step-locked mode (module docstring)."""
+    if saved_dist != dist and (dist not in LOCAL_SGD_MODES or saved_dist == "aedit"):
+        return 0
+    return rank % saved_world
+
+
 def load_resume_state(setup: dist_run.DistSetup, config: RunConfig, resume_from: Path) -> dict:
-    """The trainer state this rank resumes from (see the module docstring for the rank rule);
-    the checkpoint must come from the same --dist mode. A whole-layout checkpoint (fsdp, expert
-    parallel) resumes with or without expert parallel, at any expert-parallel degree."""
+    """The trainer state this rank resumes from (see the module docstring for the rank rule), under
+    this run's --dist or another. A whole-layout checkpoint (fsdp, expert parallel) resumes with or
+    without expert parallel, at any expert-parallel degree; a per-position one only without."""
     main_state = ckpt.load_trainer_state(resume_from)
     saved_dist, saved_world = main_state.get("dist", "none"), main_state.get("world_size", 1)
-    if saved_dist != config.dist:
-        raise RunConfigError(f"--resume {resume_from}: written by --dist {saved_dist}, this run has --dist "
-                             f"{config.dist}; resuming needs the same --dist (the process count may differ)")
     saved_whole = main_state.get("optimizer_layout") == WHOLE
-    if whole_layout(config) and not saved_whole:  # per-rank states by position cannot be cut into shards
-        raise RunConfigError(f"--resume {resume_from}: written without --expert-parallel (optimizer state by "
-                             f"position); resume it without --expert-parallel")
-    source = setup.rank % saved_world
+    if config.expert_parallel and not saved_whole:  # by position: no names for the experts a rank lacks
+        raise RunConfigError(f"--resume {resume_from}: written without --expert-parallel (--dist {saved_dist}, "
+                             f"optimizer state by position); resume it without --expert-parallel")
+    source = source_rank(setup.rank, saved_world, saved_dist, config.dist)
     state = main_state if source == 0 else ckpt.load_trainer_state(resume_from, source)
     if saved_whole:
         state = {**state, "optimizer": main_state["optimizer"], "optimizer_layout": WHOLE}
     return state
+
+
+def optimizer_for_this_run(state: dict[str, Any], setup: dist_run.DistSetup, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer) -> Any:
+    """The saved optimizer state (from `load_resume_state`) as this run's optimizer loads it: the
+    plain `optimizer` state by position, or a `LocalSGD` state around it (module docstring).
+    Raises ValueError when it does not fit."""
+    saved_dist, saved = state.get("dist", "none"), state["optimizer"]
+    inner = saved["inner_optimizer"] if saved_dist in LOCAL_SGD_MODES else saved
+    whole = state.get("optimizer_layout") == WHOLE
+    if not whole and (setup.mode == "fsdp" or setup.expert_parallel):  # by position, into shards: by name first
+        inner, whole = optimizer_state_by_name(model, optimizer, inner), True
+    if whole:
+        inner = local_optimizer_state_dict(model, optimizer, inner)
+    lsgd = setup.local_sgd
+    if lsgd is None:
+        return inner
+    if saved_dist not in LOCAL_SGD_MODES:  # entering Local SGD: anchored at the resumed weights
+        return {**lsgd.state_dict(), "inner_optimizer": inner, "global_inner_steps": state["step"] * setup.world_size}
+    converted = {**saved, "inner_optimizer": inner}
+    if saved_dist != setup.mode:  # another Local SGD mode: this run's schedule (and weighting, if another kind)
+        weighting = saved.get("weighting") or {}
+        if weighting.keys() != lsgd.weighting.state_dict().keys():
+            weighting = lsgd.weighting.state_dict()
+        converted.update(lsgd.policy.state_dict(), weighting=weighting)
+    return converted
 
 
 def loader_state_for_world_size(state: dict[str, Any], loader) -> dict[str, Any]:
@@ -140,14 +186,14 @@ def loader_state_for_world_size(state: dict[str, Any], loader) -> dict[str, Any]
 def fit_resume_state(state: dict[str, Any], setup: dist_run.DistSetup, model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, loader, resume_from: Path) -> dict[str, Any]:
     """`state` from `load_resume_state`, adapted to this rank once the model is wrapped and the
-    optimizer and loader are built: the whole optimizer state cut to this rank's shards, and at
-    another world size the loader position and Local SGD per-worker state remapped."""
+    optimizer and loader are built: the optimizer state in this run's form (cut to this rank's
+    shards, converted from another --dist), and at another world size the loader position and
+    Local SGD per-worker state remapped."""
     state = dict(state)
-    if state.get("optimizer_layout") == WHOLE:
-        try:
-            state["optimizer"] = local_optimizer_state_dict(model, optimizer, state["optimizer"])
-        except ValueError as e:
-            raise CheckpointError(f"{resume_from}: {e}") from None
+    try:
+        state["optimizer"] = optimizer_for_this_run(state, setup, model, optimizer)
+    except ValueError as e:
+        raise CheckpointError(f"{resume_from}: {e}") from None
     if state.get("world_size", 1) != setup.world_size:
         saved_loader = state["loader"]
         if "batches_drawn" in saved_loader:  # [anomaly]'s re-injecting wrapper around the data loader
@@ -169,8 +215,17 @@ def tensors_sha256(tensors) -> str:
     for tensor in tensors:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim too
     return digest.hexdigest()
+
+
+def optimizer_sha256(optimizer_state: dict[str, Any]) -> str:
+    """A fingerprint of an optimizer's per-parameter state (this rank's shards), in position and
+    key order, so a run resumed under another --dist can show it loaded what was saved."""
+    per_param = optimizer_state["state"]
+    tensors = [value for index in sorted(per_param) for _, value in sorted(per_param[index].items())
+               if isinstance(value, torch.Tensor)]
+    return tensors_sha256([t.to_local() if hasattr(t, "to_local") else t for t in tensors])
 
 
 def local_sgd_fingerprints(local_sgd_state: dict[str, Any]) -> dict[str, str]:

@@ -244,8 +244,12 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if snapshots.restart_attempt():
         metrics.write(snapshots.restart_event(source, start_step, setup.world_size))
     if start_step:
+        from_dist = trainer_state.get("dist", "none")
         event = {"event": "resume", "step": start_step, "from": str(resume_from),
-                 "from_world_size": trainer_state.get("world_size", 1), "world_size": setup.world_size}
+                 "from_world_size": trainer_state.get("world_size", 1), "world_size": setup.world_size,
+                 "from_dist": from_dist, "dist": config.dist}
+        if from_dist != config.dist:  # the optimizer state was converted: show that it is the saved one
+            event["optimizer_sha256"] = dist_checkpoint.optimizer_sha256(optimizer.state_dict())
         if setup.local_sgd is not None:  # what this process holds now, to compare with the checkpoint
             event.update(dist_checkpoint.local_sgd_fingerprints(setup.local_sgd.state_dict()))
         metrics.write(event)

@@ -192,7 +192,8 @@ def resume_state(source: ResumeSource, config: RunConfig, rank: int, world_size:
 def check_dist(state: dict, config: RunConfig, where: Path) -> dict:
     if state.get("dist") != config.dist:
         raise RunConfigError(f"--resume {where}: written by --dist {state.get('dist')}, this run has --dist "
-                             f"{config.dist}; a snapshot resumes with the same --dist and process count")
+                             f"{config.dist}; a snapshot resumes with the same --dist and process count (an HF "
+                             f"checkpoint, RUN/checkpoints/step-N, resumes under another)")
     return state
 
 

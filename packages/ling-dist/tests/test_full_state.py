@@ -16,7 +16,8 @@ from parallel_testing import batch, loss_fn
 from parallel_testing import make_model as make_moe
 from torch import nn
 
-from ling_dist import full_model_state_dict, full_optimizer_state_dict, local_optimizer_state_dict
+from ling_dist import (full_model_state_dict, full_optimizer_state_dict, local_optimizer_state_dict,
+                       optimizer_state_by_name)
 
 
 def free_port() -> int:
@@ -82,6 +83,9 @@ def test_one_process_round_trip_is_the_identity(widths, steps, seed):
     weights = full_model_state_dict(model)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     whole = full_optimizer_state_dict(model, optimizer)
+    by_name = optimizer_state_by_name(model, optimizer, optimizer.state_dict())  # a plain checkpoint's state
+    assert by_name["param_groups"] == whole["param_groups"] and by_name["state"].keys() == whole["state"].keys()
+    assert all(torch.equal(by_name["state"][n][k], v) for n, s in whole["state"].items() for k, v in s.items())
     copy = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(widths, widths[1:])))
     copy_optimizer = optimizer_for(copy)
     copy_optimizer.load_state_dict(local_optimizer_state_dict(copy, copy_optimizer, whole))
@@ -106,3 +110,5 @@ def test_state_from_another_model_is_a_clear_error():
         local_optimizer_state_dict(other, single_group, whole)
     with pytest.raises(ValueError, match="keyed by parameter name"):
         local_optimizer_state_dict(other, single_group, optimizer.state_dict()["state"])
+    with pytest.raises(ValueError, match=r"groups of sizes \[1, 1\], the optimizer \[2\]"):
+        optimizer_state_by_name(other, single_group, optimizer.state_dict())

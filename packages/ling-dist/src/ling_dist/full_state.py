@@ -17,6 +17,10 @@ writes, fine for the models a CPU test or a single node trains, not for ones tha
 - `local_optimizer_state_dict(model, optimizer, full)`: that state cut back to this rank's
   parameters and shards, as a plain `optimizer.load_state_dict` argument. No collectives: every
   rank reads the whole state and keeps its slice.
+- `optimizer_state_by_name(model, optimizer, positional)`: a plain `optimizer.state_dict()` (by
+  position, whole tensors, e.g. saved by a DDP run) keyed by name like `full_optimizer_state_dict`,
+  so that a run whose optimizer holds the same parameters in the same order, sharded or not, can
+  cut it with `local_optimizer_state_dict`. No collectives.
 
 The first two are collectives (every rank calls them, in the same order); the whole state is
 returned on `dst` only (None elsewhere). Without a process group they are plain copies.
@@ -170,4 +174,32 @@ def local_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimize
             ids.append(index)
             index += 1
         groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            positional: dict[str, Any]) -> dict[str, Any]:
+    """`positional` (an `optimizer.state_dict()` with whole tensors, from an optimizer over the same
+    parameters in the same groups and order as `optimizer`) keyed by parameter name, as
+    `full_optimizer_state_dict` returns it. Not for expert parallel, whose optimizer lacks the
+    experts other ranks own. Raises ValueError when the groups do not match."""
+    if not isinstance(positional, dict) or not {"state", "param_groups"} <= positional.keys():
+        raise ValueError("expected an optimizer.state_dict() with 'state' and 'param_groups'")
+    saved_groups = positional["param_groups"]
+    sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in optimizer.param_groups]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"optimizer state has parameter groups of sizes {sizes[0]}, the optimizer {sizes[1]}")
+    names = {id(p): name for name, p in model.named_parameters()}
+    state: dict[str, dict[str, Any]] = {}
+    groups = []
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        try:
+            group_names = [names[id(p)] for p in group["params"]]
+        except KeyError:
+            raise ValueError("the optimizer holds a parameter that is not in model.named_parameters(); pass "
+                             "the module the optimizer was built from (not a wrapper)") from None
+        for index, name in zip(saved["params"], group_names):
+            if index in positional["state"]:
+                state[name] = dict(positional["state"][index])
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": group_names})
     return {"state": state, "param_groups": groups}
