@@ -117,6 +117,18 @@ def test_unknown_toml_key_is_a_one_line_error(tmp_path, run_cli):
     assert_one_line_error(run_cli("--config", str(bad)), "steps", "expected int")
 
 
+def test_per_process_batch_sizes_in_toml(tmp_path, run_cli):
+    """A TOML list is one batch size per process: Local SGD modes only; --dry-run counts the sum."""
+    config = tmp_path / "run.toml"
+    config.write_text('dist = "fsdp"\nbatch_size = [3, 1]\n')
+    assert_one_line_error(run_cli("--config", str(config)), str(config), "batch_size (--batch-size) 3,1", "not fsdp")
+    config.write_text('dist = "diloco"\nbatch_size = [3, "x"]\n')
+    assert_one_line_error(run_cli("--config", str(config)), "batch_size: expected a positive int or a list of them")
+    config.write_text('dist = "diloco"\nbatch_size = [3, 1]\n')
+    result = run_cli("--config", str(config), "--dry-run")
+    assert result.returncode == 0 and "training FLOPs / step (batch 3+1 = 4, all processes)" in result.stdout
+
+
 def test_missing_data_path_is_a_one_line_error(tmp_path, run_cli):
     assert_one_line_error(run_cli("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
                           "nope", "does not exist")

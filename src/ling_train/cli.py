@@ -30,6 +30,7 @@ examples:
   ling-train --nproc 2 --dist ddp             # 2 processes (torchrun; gloo on CPU), data parallel
   ling-train --nproc 4 --dist edit --sync-every 8 --outer-lr 0.7 --outer-momentum 0.9
   ling-train --nproc 2 --dist aedit --sync-seconds 2   # sync by wall time: slow ranks never wait
+  ling-train --nproc 2 --dist diloco --device mixed --batch-size 8,2   # 8 sequences/step on the GPU, 2 on the CPU
   torchrun --nproc-per-node 2 -m ling_train.cli --dist diloco   # the same, launched by hand
   ling-train --nproc 2 --dist ddp --snapshot-every 10 --max-restarts 3   # survive a killed worker
   torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train.cli --dist ddp --snapshot-every 10
@@ -49,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mixed (default auto); mixed: each process on its GPU if it "
                                      "has one, else the CPU, in one gloo group (Local SGD modes)")
     p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="sequences per step (default 16)")
+    p.add_argument("--batch-size", dest="batch_size", metavar="B[,B...]",
+                   help="sequences per step (default 16); with --dist diloco, edit or aedit one per process, "
+                        "e.g. 8,2 for a GPU and a CPU process (the sync weights each by its tokens)")
     p.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -90,7 +93,7 @@ class UsageError(Exception):
 
 def build_config(args: argparse.Namespace):
     from ling_train import checkpoint as ckpt
-    from ling_train.config import load_toml, resolve
+    from ling_train.config import load_toml, parse_batch_size, resolve
     from ling_train.run import default_out
 
     import tomllib
@@ -99,6 +102,8 @@ def build_config(args: argparse.Namespace):
                                            "batch_size", "seq_len", "lr", "eval_every", "dist", "sync_every",
                                            "sync_seconds", "outer_lr", "outer_momentum", "expert_parallel",
                                            "snapshot_every", "keep_snapshots")}
+    if args.batch_size is not None:
+        flags["batch_size"] = parse_batch_size(args.batch_size)
     from ling_train import snapshots
 
     base: dict = {}
@@ -131,6 +136,7 @@ def build_config(args: argparse.Namespace):
             raise UsageError(f"--nproc: expected >= 1, got {args.nproc}")
         if args.nproc > 1 and config.dist == "none":
             raise UsageError("--nproc: several processes need --dist ddp, fsdp, diloco, edit or aedit")
+        config.batch_sizes(args.nproc)  # a per-process list must have --nproc entries
         if config.expert_parallel and args.nproc % config.expert_parallel:
             raise UsageError(f"--expert-parallel {config.expert_parallel}: must divide --nproc {args.nproc}")
         if config.anomaly is not None:  # before relaunching, so the refusal is one line, not one per rank

@@ -31,7 +31,7 @@ class RunConfig:
     size: str = "tiny"
     steps: int = 300
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int | list[int] = 16  # sequences per step; a list: one per process (Local SGD modes)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -67,7 +67,7 @@ class RunConfig:
         if self.size not in PRESETS:
             raise RunConfigError(f"{source}: size: unknown size {self.size!r}; expected one of "
                                  f"{', '.join(PRESETS)}")
-        for name in ("steps", "seq_len", "batch_size", "log_every"):
+        for name in ("steps", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise RunConfigError(f"{source}: {name}: must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "checkpoint_every", "grad_clip", "weight_decay", "lr", "eval_every",
@@ -79,9 +79,21 @@ class RunConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
         validate_dist(self, source)
+        validate_batch_size(self, source)
         validate_snapshots(self, source)
         self.model_config(source)  # validates the [model] overrides
         self.anomaly_config(source)
+
+    def batch_sizes(self, world_size: int) -> list[int]:
+        """Every process's sequences per step: the list, whose length must be the process count,
+        or the one int for all."""
+        if isinstance(self.batch_size, int):
+            return [self.batch_size] * world_size
+        if len(self.batch_size) != world_size:
+            raise RunConfigError(f"batch_size (--batch-size) {format_batch_size(self.batch_size)}: "
+                                 f"{len(self.batch_size)} per-process sizes, but the run has {world_size} "
+                                 f"process(es); give one size per process, or one int for all")
+        return list(self.batch_size)
 
     def anomaly_config(self, source: str = "config"):
         """The `[anomaly]` table as an AnomalyConfig, or None when the table is absent."""
@@ -145,6 +157,36 @@ def validate_dist(config: "RunConfig", source: str) -> None:
         raise RunConfigError(f"{source}: optimizer: expected adamw or sgd, got {config.optimizer!r}")
 
 
+def validate_batch_size(config: "RunConfig", source: str) -> None:
+    """One positive int for every process, or a list of them, one per process: a list only where
+    the ranks' updates are averaged by the tokens each processed (the Local SGD modes). DDP and
+    FSDP2 average gradients with equal weight per rank, so unequal batches would be mis-weighted."""
+    sizes = config.batch_size if isinstance(config.batch_size, list) else [config.batch_size]
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise RunConfigError(f"{source}: batch_size: expected a positive int or a list of them (one per process), "
+                             f"got {config.batch_size!r}")
+    if isinstance(config.batch_size, list) and config.dist not in LOCAL_SGD_MODES:
+        why = ("DDP and FSDP2 average gradients with equal weight per rank" if config.dist in ("ddp", "fsdp")
+               else "one process takes one int")
+        raise RunConfigError(f"{source}: batch_size (--batch-size) {format_batch_size(config.batch_size)}: per-process "
+                             f"sizes need --dist diloco, edit or aedit, not {config.dist}: {why}")
+
+
+def format_batch_size(batch_size: int | list[int]) -> str:
+    """As `--batch-size` takes it: 16, or 8,2."""
+    return ",".join(map(str, batch_size)) if isinstance(batch_size, list) else str(batch_size)
+
+
+def parse_batch_size(text: str) -> int | list[int]:
+    """`--batch-size 16` (every process) or `--batch-size 8,2` (one per process)."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise RunConfigError(f"--batch-size: expected a positive int or a comma-separated list of them, one per "
+                             f"process (e.g. 8,2), got {text!r}")
+    sizes = [int(part) for part in parts]
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def validate_snapshots(config: "RunConfig", source: str) -> None:
     """Flash snapshots (ling_train.snapshots) and the combinations they cannot serve."""
     if config.snapshot_every < 0 or config.keep_snapshots < 1:
@@ -184,6 +226,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise RunConfigError(f"{path}: {key}: expected a [{key}] table")
             out[key] = dict(value)
+        elif key == "batch_size" and isinstance(value, list):  # one per process; checked by validate
+            out[key] = value
         else:
             out[key] = check_field_type(str(path), key, value, getattr(defaults, key))
     return out

@@ -18,7 +18,12 @@ migrates exactly; one taken mid-interval drops the progress of old ranks with no
 (N -> M < N) or starts several new ranks from one old rank's progress (which the next average
 counts once, since it averages). The loader continues after the windows the old ranks consumed
 this epoch (see `loader_state_for_world_size`). The scheduler continues by step (a step then
-processes batch_size x new world size sequences).
+processes batch_size x new world size sequences, or the sum of the new per-process sizes).
+
+Per-process batch sizes (`--batch-size 8,2`, Local SGD modes): at another world size the run needs
+a list of the new length (or one int); the loader continues after the windows the old ranks
+consumed, counted with the old sizes. The same remap applies at the same world size when the
+sizes changed (e.g. `--resume ... --batch-size 2,2` from a `3,1` run).
 
 Resuming under another `--dist` (e.g. a run moved from a homogeneous cluster under `ddp` to
 heterogeneous ones under `edit`, or back): weights, step, scheduler and loader position carry over
@@ -45,6 +50,7 @@ from typing import Any, Callable
 import torch
 
 from ling_core import CheckpointError
+from ling_data.rank_batches import saved_batch_sizes
 from ling_dist import (full_model_state_dict, full_optimizer_state_dict, local_optimizer_state_dict,
                        local_sgd_state_for_world_size, optimizer_state_by_name)
 from ling_train import checkpoint as ckpt
@@ -163,24 +169,29 @@ def optimizer_for_this_run(state: dict[str, Any], setup: dist_run.DistSetup, mod
 
 
 def loader_state_for_world_size(state: dict[str, Any], loader) -> dict[str, Any]:
-    """A loader position saved at another world size, for `loader` (built at this one).
+    """A loader position saved at another world size (or other per-process batch sizes), for
+    `loader` (built at this one).
 
     Both loaders (PackedLoader, TokenLoader) fix an epoch's window order independently of the
-    world size and hand out consecutive global batches of batch_size x world_size windows, so
-    after position p the old ranks together consumed the first p x batch_size x old world
-    windows. The new loader starts at the first global batch boundary at or after that window:
-    nothing is seen twice within the epoch; when that count is not a multiple of the new global
-    batch (e.g. 1 -> 2 ranks at an odd step), fewer than one new global batch of windows is
-    skipped, the same way each epoch's remainder is. N -> 1 never skips. Past the epoch's last
-    whole global batch: the next epoch, from its start.
+    world size and hand out consecutive global batches of sum(batch_sizes) windows (batch_size x
+    world_size when the ranks' sizes are equal), so after position p the old ranks together
+    consumed the first p x old global batch windows. The new loader starts at the first global
+    batch boundary at or after that window: nothing is seen twice within the epoch; when that
+    count is not a multiple of the new global batch (e.g. 1 -> 2 ranks at an odd step), fewer
+    than one new global batch of windows is skipped, the same way each epoch's remainder is.
+    With equal sizes N -> 1 never skips. Past the epoch's last whole global batch: the next
+    epoch, from its start.
     """
     key = "position" if "position" in state else "batch"  # PackedLoader / TokenLoader
-    consumed = state[key] * state["world_size"] * loader.batch_size
-    global_batch = loader.batch_size * loader.world_size
+    consumed = state[key] * sum(saved_batch_sizes(state))
+    global_batch = loader.global_batch_size
     position, epoch = -(-consumed // global_batch), state["epoch"]
     if position >= loader.batches_per_epoch:
         position, epoch = 0, epoch + 1
-    return {**state, key: position, "epoch": epoch, "world_size": loader.world_size}
+    remapped = {**state, key: position, "epoch": epoch, "world_size": loader.world_size,
+                "batch_sizes": list(loader.batch_sizes)}
+    remapped.pop("batch_size", None)  # a state from before per-process sizes
+    return remapped
 
 
 def fit_resume_state(state: dict[str, Any], setup: dist_run.DistSetup, model: torch.nn.Module,
@@ -194,15 +205,16 @@ def fit_resume_state(state: dict[str, Any], setup: dist_run.DistSetup, model: to
         state["optimizer"] = optimizer_for_this_run(state, setup, model, optimizer)
     except ValueError as e:
         raise CheckpointError(f"{resume_from}: {e}") from None
-    if state.get("world_size", 1) != setup.world_size:
-        saved_loader = state["loader"]
-        if "batches_drawn" in saved_loader:  # [anomaly]'s re-injecting wrapper around the data loader
-            # Its skip set and pending rows are per old rank; at another world size only the
-            # plain position carries over (AnomalyLoader accepts a bare inner state).
-            saved_loader = saved_loader["inner"]
-        state["loader"] = loader_state_for_world_size(saved_loader, getattr(loader, "inner", loader))
-        if setup.local_sgd is not None:
-            state["optimizer"] = local_sgd_state_for_world_size(state["optimizer"], setup.world_size)
+    other_world = state.get("world_size", 1) != setup.world_size
+    saved_loader, inner_loader = state["loader"], getattr(loader, "inner", loader)
+    if "batches_drawn" in saved_loader:  # [anomaly]'s re-injecting wrapper around the data loader
+        saved_loader = saved_loader["inner"]
+    if other_world or saved_batch_sizes(saved_loader) != list(inner_loader.batch_sizes):
+        # The anomaly wrapper's skip set and pending rows count the old batches; only the plain
+        # position carries over (AnomalyLoader accepts a bare inner state).
+        state["loader"] = loader_state_for_world_size(saved_loader, inner_loader)
+    if other_world and setup.local_sgd is not None:
+        state["optimizer"] = local_sgd_state_for_world_size(state["optimizer"], setup.world_size)
     cuda_states = state["rng"]["cuda"]
     if cuda_states and len(cuda_states) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
         state["rng"] = {**state["rng"], "cuda": []}  # another machine's GPUs: nothing to restore them to

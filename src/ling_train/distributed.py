@@ -183,6 +183,13 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
         experts = config.model_config().num_experts
         if experts % config.expert_parallel:
             raise RunConfigError(f"--expert-parallel {config.expert_parallel}: must divide num_experts ({experts})")
+<<<<<<< HEAD
+=======
+    config.batch_sizes(world_size)  # a per-process list must have one entry per process
+    if config.eval_every and world_size > 1:
+        raise RunConfigError("--eval-every: in-training eval is not wired for several processes yet; "
+                             "evaluate the checkpoints with ling-eval")
+>>>>>>> wt-batch
     if config.anomaly is not None:
         from ling_train.anomaly.config import check_workers
         check_workers(config.anomaly_config(), config.dist, world_size)
@@ -225,7 +232,8 @@ def wrap_optimizer(setup: DistSetup, config: RunConfig, model: nn.Module, optimi
             lsgd = AEDiT(model, optimizer, sync_seconds=config.sync_seconds or DEFAULT_SYNC_SECONDS,
                          min_total_steps=setup.world_size, units=units, **outer)
     setup.local_sgd = lsgd
-    return LocalSGDOptimizer(lsgd, tokens_per_step=config.batch_size * config.seq_len)
+    # This rank's own tokens: with per-process batch sizes the sync weights each rank by them.
+    return LocalSGDOptimizer(lsgd, tokens_per_step=config.batch_sizes(setup.world_size)[setup.rank] * config.seq_len)
 
 
 def parameters_sha256(model: nn.Module) -> str:

@@ -9,7 +9,14 @@ from ling_core import LingConfig, LingForCausalLM, count_params, flops_per_token
 GIB = 1024**3
 
 
-def dry_run_report(size: str, config: LingConfig, seq_len: int, batch_size: int) -> str:
+def dry_run_report(size: str, config: LingConfig, seq_len: int, batch_size: int | list[int]) -> str:
+    """`batch_size`: one process's sequences per step, or the per-process list, whose FLOPs per
+    step are the whole job's (the sum)."""
+    if isinstance(batch_size, list):
+        batch = sum(batch_size)
+        batch_text = f"{'+'.join(map(str, batch_size))} = {batch}, all processes"
+    else:
+        batch, batch_text = batch_size, str(batch_size)
     total, active = count_params(config)
     with torch.device("meta"):  # cross-check the arithmetic against the real module tree, for free
         built = sum(p.numel() for p in LingForCausalLM(config).parameters())
@@ -25,7 +32,7 @@ def dry_run_report(size: str, config: LingConfig, seq_len: int, batch_size: int)
         ("experts", f"{config.num_experts} routed (top-{config.num_experts_per_tok}) + "
                     f"{config.num_shared_experts} shared"),
         (f"training FLOPs / token (seq {seq_len})", f"{fpt:.4g}"),
-        (f"training FLOPs / step (batch {batch_size})", f"{fpt * seq_len * batch_size:.4g}"),
+        (f"training FLOPs / step (batch {batch_text})", f"{fpt * seq_len * batch:.4g}"),
         ("weights, fp32 (1 device)", f"{weights / GIB:,.2f} GiB"),
         ("gradients, fp32", f"{grads / GIB:,.2f} GiB"),
         ("AdamW states, 2 x fp32", f"{optimizer / GIB:,.2f} GiB"),

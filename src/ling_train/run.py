@@ -73,13 +73,14 @@ class Data:
 
 
 def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: int = 1) -> Data:
+    batch_sizes = config.batch_sizes(world_size)  # each rank takes its own slice of a global batch
     if config.data and is_shard_dir(config.data):  # written by `ling-data tokenize`
         manifest = load_manifest(config.data)
         if manifest["vocab_size"] > vocab_size:
             raise DataError(f"--data {config.data}: its tokenizer has {manifest['vocab_size']} tokens but the "
                             f"model's vocab_size is {vocab_size}; set [model] vocab_size >= {manifest['vocab_size']}")
-        loader = TokenLoader(config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-                             rank=rank, world_size=world_size)
+        loader = TokenLoader(config.data, seq_len=config.seq_len, seed=config.seed, rank=rank, world_size=world_size,
+                             batch_sizes=batch_sizes)
         tokenizer_path = Path(config.data) / manifest.get("tokenizer", "tokenizer.model")
 
         def describe_shard_batch(position: dict[str, int]) -> dict[str, Any]:
@@ -99,8 +100,8 @@ def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: in
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     stream = pack_documents(tokenizer.encode_batch(documents), tokenizer.eos_id)
-    loader = PackedLoader(stream, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-                          rank=rank, world_size=world_size)
+    loader = PackedLoader(stream, seq_len=config.seq_len, seed=config.seed, rank=rank, world_size=world_size,
+                          batch_sizes=batch_sizes)
     eos_id = tokenizer.eos_id
 
     def describe_batch(position: dict[str, int]) -> dict[str, Any]:

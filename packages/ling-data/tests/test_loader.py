@@ -104,6 +104,62 @@ def test_batch_documents_name_the_documents_each_row_comes_from(tmp_path, seed, 
                 assert loader.batch_documents(epoch, batch) == expected
 
 
+@props
+@given(seed=st.integers(0, 2**16), seq_len=st.integers(1, 16),
+       sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3), prefetch=st.sampled_from([0, 2]))
+def test_per_rank_batch_sizes_split_each_global_batch(tmp_path, seed, seq_len, sizes, prefetch) -> None:
+    """Per-rank sizes: the documented epoch order cut into global batches of sum(sizes), rank r
+    taking sizes[r] windows from sum(sizes[:r]) on; across ranks an epoch's batches are disjoint
+    and cover exactly its first batches_per_epoch x sum(sizes) windows. batch_documents agrees."""
+    shards = random_shards(np.random.default_rng(seed), 3)
+    directory = write_shard_dir(tmp_path / f"p{seed}", shards)
+    world_size, global_batch = len(sizes), sum(sizes)
+    if sum(len(reference_epoch([s], seq_len, seed, 0)) for s in shards) < global_batch:
+        with pytest.raises(DataError, match="needs at least"):
+            TokenLoader(directory, seq_len, seed=seed, world_size=world_size, batch_sizes=sizes)
+        return
+    loaders = [TokenLoader(directory, seq_len, seed=seed, rank=r, world_size=world_size, prefetch=prefetch,
+                           batch_sizes=sizes) for r in range(world_size)]
+    per_epoch = loaders[0].batches_per_epoch
+    for epoch in range(2):
+        expected = reference_epoch(shards, seq_len, seed, epoch)
+        owners = reference_epoch(shards, seq_len, seed, epoch, documents=True)
+        assert per_epoch == len(expected) // global_batch
+        seen: list[int] = []  # window numbers in the epoch's order
+        for batch in range(per_epoch):
+            for rank, loader in enumerate(loaders):
+                inputs, labels = loader.next_batch()
+                first = batch * global_batch + sum(sizes[:rank])
+                windows = torch.tensor(expected[first:first + sizes[rank]])
+                assert inputs.shape == (sizes[rank], seq_len)
+                assert torch.equal(inputs, windows[:, :-1]) and torch.equal(labels, windows[:, 1:])
+                assert loader.batch_documents(epoch, batch) == [[min(w), max(w)]
+                                                                for w in owners[first:first + sizes[rank]]]
+                seen += range(first, first + sizes[rank])
+        assert sorted(seen) == list(range(per_epoch * global_batch))  # disjoint, and exactly the first ones
+    for loader in loaders:
+        loader.close()
+
+
+def test_per_rank_sizes_are_in_the_state(tmp_path: Path) -> None:
+    directory = write_shard_dir(tmp_path, random_shards(np.random.default_rng(4), 3))
+    ranks = [TokenLoader(directory, 4, rank=r, world_size=2, prefetch=0, batch_sizes=[3, 1]) for r in range(2)]
+    for loader in ranks:
+        loader.next_batch()
+    state = json.loads(json.dumps(ranks[1].state_dict()))
+    assert state["batch_sizes"] == [3, 1]
+    restored = TokenLoader(directory, 4, rank=0, world_size=2, prefetch=0, batch_sizes=[3, 1])
+    restored.load_state_dict(state)  # any rank's state restores every rank
+    assert torch.equal(restored.next_batch()[0], ranks[0].next_batch()[0])
+    with pytest.raises(ValueError, match=r"state has batch_sizes=\[3, 1\] but this loader has batch_sizes=\[2, 2\]"):
+        TokenLoader(directory, 4, 2, world_size=2).load_state_dict(state)
+    old = {**state, "batch_size": 2}  # saved before per-rank sizes: one batch_size for every rank
+    del old["batch_sizes"]
+    TokenLoader(directory, 4, 2, world_size=2).load_state_dict(old)
+    with pytest.raises(ValueError, match=r"batch_sizes=\[2, 2\] but this loader has batch_sizes=\[3, 1\]"):
+        TokenLoader(directory, 4, world_size=2, batch_sizes=[3, 1]).load_state_dict(old)
+
+
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_sees_exactly_the_uninterrupted_tokens(tmp_path: Path, prefetch: int) -> None:
     directory = write_shard_dir(tmp_path, random_shards(np.random.default_rng(0), 4))

@@ -215,18 +215,126 @@ def test_batch_documents_name_the_documents_each_row_comes_from(lengths, seq_len
     eos = 0
     stream = pack_documents([[d + 1] * n for d, n in enumerate(lengths)], eos)  # tokens never equal EOS
     owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths) + 1)
-    batch_size = data.draw(st.integers(1, 3))
-    if (len(stream) - 1) // seq_len < batch_size * world_size:
+    sizes = data.draw(st.lists(st.integers(1, 3), min_size=world_size, max_size=world_size))  # per rank
+    if (len(stream) - 1) // seq_len < sum(sizes):
         return
     rank = data.draw(st.integers(0, world_size - 1))
-    loader = PackedLoader(stream, seq_len, batch_size, seed=data.draw(st.integers(0, 99)), rank=rank,
-                          world_size=world_size)
+    loader = PackedLoader(stream, seq_len, seed=data.draw(st.integers(0, 99)), rank=rank, world_size=world_size,
+                          batch_sizes=sizes)
     for _ in range(loader.batches_per_epoch + 2):  # into the next epoch too
         epoch, position = loader.epoch, loader.position
         inputs, labels = loader.next_batch()
         documents = loader.batch_documents(epoch, position, eos)
+        assert len(documents) == len(inputs) == sizes[rank]
         for row, (first, last) in enumerate(documents):
             offset = int(loader.window_indices(epoch, position)[row]) * seq_len
             assert torch.equal(stream[offset:offset + seq_len], inputs[row])
             touched = owner[offset:offset + seq_len + 1]
             assert (first, last) == (int(touched.min()), int(touched.max()))
+
+
+@st.composite
+def per_rank_configs(draw: st.DrawFn) -> dict:
+    """A loader setting with one batch size per rank (equal sizes now and then)."""
+    seq_len = draw(st.integers(1, 6))
+    world_size = draw(st.integers(1, 4))
+    if draw(st.booleans()):
+        sizes = [draw(st.integers(1, 5))] * world_size
+    else:
+        sizes = draw(st.lists(st.integers(1, 5), min_size=world_size, max_size=world_size))
+    num_windows = draw(st.integers(sum(sizes), 50))
+    return {"length": num_windows * seq_len + 1, "seq_len": seq_len, "batch_sizes": sizes,
+            "seed": draw(st.integers(0, 2**31))}
+
+
+def _per_rank_loader(config: dict, rank: int) -> PackedLoader:
+    stream = torch.arange(config["length"]) * 3 + 1
+    return PackedLoader(stream, config["seq_len"], seed=config["seed"], rank=rank,
+                        world_size=len(config["batch_sizes"]), batch_sizes=config["batch_sizes"])
+
+
+@quick
+@given(config=per_rank_configs())
+def test_per_rank_batch_sizes_split_each_global_batch(config: dict) -> None:
+    """Reference: an epoch's permutation cut into global batches of sum(sizes) windows, rank r
+    taking sizes[r] of each from sum(sizes[:r]) on. Across ranks an epoch's batches are disjoint
+    and cover exactly the first batches_per_epoch x sum(sizes) windows of the permutation."""
+    sizes, seq_len = config["batch_sizes"], config["seq_len"]
+    loaders = [_per_rank_loader(config, rank) for rank in range(len(sizes))]
+    per_epoch = loaders[0].batches_per_epoch
+    assert all(loader.batches_per_epoch == per_epoch for loader in loaders)
+    num_windows, global_batch = loaders[0].num_windows, sum(sizes)
+    assert per_epoch == num_windows // global_batch
+    for epoch in range(2):
+        order = torch.randperm(num_windows, generator=torch.Generator().manual_seed(config["seed"] + epoch)).tolist()
+        seen: list[int] = []
+        for position in range(per_epoch):
+            global_windows = order[position * global_batch:(position + 1) * global_batch]
+            for rank, loader in enumerate(loaders):
+                inputs, labels = loader.next_batch()
+                assert inputs.shape == labels.shape == (sizes[rank], seq_len)
+                first = sum(sizes[:rank])
+                assert _window_ids(inputs, seq_len) == global_windows[first:first + sizes[rank]]
+                seen += _window_ids(inputs, seq_len)
+        assert len(seen) == len(set(seen))  # disjoint across ranks and batches
+        assert set(seen) == set(order[:per_epoch * global_batch])
+        assert all(loader.epoch == epoch + 1 and loader.position == 0 for loader in loaders)
+
+
+@quick
+@given(config=loader_configs())
+def test_equal_per_rank_sizes_serve_the_batches_of_one_batch_size(config: dict[str, int]) -> None:
+    """Backward compatible: batch_sizes=[b] * world_size is batch_size=b, batch for batch, and
+    both follow the layout from before per-rank sizes (rank r takes global batch slice r)."""
+    world_size, batch_size, seq_len = config["world_size"], config["batch_size"], config["seq_len"]
+    stream = torch.arange(config["length"]) * 3 + 1
+    rank = config["seed"] % world_size
+    plain = _loader(config, rank)
+    listed = PackedLoader(stream, seq_len, seed=config["seed"], rank=rank, world_size=world_size,
+                          batch_sizes=[batch_size] * world_size)
+    order = torch.randperm(plain.num_windows, generator=torch.Generator().manual_seed(config["seed"])).tolist()
+    for position in range(min(plain.batches_per_epoch, 6)):
+        a, b = plain.next_batch()[0], listed.next_batch()[0]
+        assert torch.equal(a, b)
+        start = (position * world_size + rank) * batch_size  # the layout before per-rank sizes
+        assert _window_ids(a, seq_len) == order[start:start + batch_size]
+
+
+def test_per_rank_sizes_state_restores_every_rank_and_refuses_other_sizes() -> None:
+    stream = torch.arange(500)
+    ranks = [PackedLoader(stream, 4, rank=rank, world_size=2, batch_sizes=[3, 1]) for rank in range(2)]
+    for loader in ranks:
+        for _ in range(5):
+            loader.next_batch()
+    state = ranks[1].state_dict()
+    assert state["batch_sizes"] == [3, 1] and "batch_size" not in state
+    for rank, loader in enumerate(ranks):
+        restored = PackedLoader(stream, 4, rank=rank, world_size=2, batch_sizes=[3, 1])
+        restored.load_state_dict(state)
+        assert torch.equal(restored.next_batch()[0], loader.next_batch()[0])
+    with pytest.raises(ValueError, match=r"state has batch_sizes=\[3, 1\] but this loader has batch_sizes=\[2, 2\]"):
+        PackedLoader(stream, 4, 2, world_size=2).load_state_dict(state)
+    # A state saved before per-rank sizes (one batch_size for every rank) still loads where it should.
+    old = {"epoch": 0, "position": 3, "seed": 0, "seq_len": 4, "batch_size": 2, "world_size": 2, "num_windows": 124}
+    PackedLoader(stream, 4, rank=1, world_size=2, batch_sizes=[2, 2]).load_state_dict(old)
+    with pytest.raises(ValueError, match=r"state has batch_sizes=\[2, 2\] but this loader has batch_sizes=\[3, 1\]"):
+        PackedLoader(stream, 4, world_size=2, batch_sizes=[3, 1]).load_state_dict(old)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_sizes": [2]}, r"batch_sizes=\[2\]; expected 2 positive ints, one per rank"),
+        ({"batch_sizes": [2, 0]}, r"batch_sizes=\[2, 0\]; expected 2 positive ints"),
+        ({"batch_sizes": [2, 3], "batch_size": 2, "rank": 1}, r"batch_size=2 but batch_sizes\[1\]=3"),
+        ({}, "give batch_size .* or batch_sizes"),
+    ],
+)
+def test_bad_per_rank_sizes(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PackedLoader(torch.arange(100), 4, world_size=2, **kwargs)
+
+
+def test_too_short_for_the_per_rank_sizes_names_them() -> None:
+    with pytest.raises(DataError, match=r"batch_sizes=\[3, 1\] \(sum 4\) needs at least 4 windows"):
+        PackedLoader(torch.arange(10), 4, world_size=2, batch_sizes=[3, 1])

@@ -6,7 +6,9 @@ cut into windows of ``seq_len + 1`` tokens (window ``j`` starts at ``j * seq_len
 shorter than a window is dropped); the shard's windows are shuffled by
 ``default_rng([seed, e, shard])``. This epoch-long window sequence is cut into global batches
 of ``batch_size * world_size`` windows, of which rank ``r`` takes the ``r``-th
-``batch_size``; the remainder smaller than a global batch is skipped that epoch. Only the
+``batch_size``; with per-rank ``batch_sizes`` a global batch is their sum and rank ``r``
+takes ``batch_sizes[r]`` windows from ``sum(batch_sizes[:r])`` on (`ling_data.rank_batches`).
+The remainder smaller than a global batch is skipped that epoch. Only the
 shards the current batch needs are in memory (each rank reads whole shards and keeps its
 slice), so memory is bounded by the shard size, not the corpus.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +31,28 @@ import numpy as np
 import torch
 
 from ling_data.errors import DataError
+from ling_data.rank_batches import check_saved_batch_sizes, global_batch_text, rank_batch_sizes
 from ling_data.shards import load_manifest, read_shard
 
 _POLL_SECONDS = 0.1
 
 
 class TokenLoader:
-    """Serve ``(input_ids, labels)`` batches, each ``[batch_size, seq_len]`` int64, forever."""
+    """Serve ``(input_ids, labels)`` batches, each ``[batch_size, seq_len]`` int64, forever
+    (``batch_size``: this rank's, ``batch_sizes[rank]`` when per-rank sizes are given)."""
 
-    def __init__(self, directory: str | Path, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, prefetch: int = 2) -> None:
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
+    def __init__(self, directory: str | Path, seq_len: int, batch_size: int | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, prefetch: int = 2,
+                 batch_sizes: Sequence[int] | None = None) -> None:
+        for name, value in (("seq_len", seq_len), ("world_size", world_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r}; expected a positive int")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank!r}; expected an int in [0, world_size={world_size})")
+        self.batch_sizes = rank_batch_sizes(batch_size, batch_sizes, rank, world_size)
+        batch_size = self.batch_sizes[rank]
+        self.global_batch_size = sum(self.batch_sizes)
+        self._first_row = sum(self.batch_sizes[:rank])  # this rank's offset in a global batch
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}; expected a non-negative int (0: no background thread)")
         self.directory = Path(directory)
@@ -56,13 +65,12 @@ class TokenLoader:
         shards = self.manifest["shards"]
         self._windows_per_shard = [max(s["tokens"] + s["documents"] - 1, 0) // seq_len for s in shards]
         self.num_windows = sum(self._windows_per_shard)
-        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        self.batches_per_epoch = self.num_windows // self.global_batch_size
         if self.batches_per_epoch == 0:
-            needed = batch_size * world_size
             raise DataError(
                 f"{self.directory}: {self.tokens} tokens in {len(shards)} shards give {self.num_windows} windows "
-                f"of seq_len+1={seq_len + 1} tokens, but batch_size={batch_size} x world_size={world_size} needs "
-                f"at least {needed}; use more documents or a smaller seq_len/batch_size")
+                f"of seq_len+1={seq_len + 1} tokens, but {global_batch_text(self.batch_sizes)} needs "
+                f"at least {self.global_batch_size}; use more documents or a smaller seq_len/batch_size")
         self.fingerprint = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
         self.epoch = 0
         self.batch = 0  # global batches handed out in the current epoch
@@ -79,7 +87,7 @@ class TokenLoader:
     def _rows(self, layout: tuple[np.ndarray, np.ndarray], batch: int) -> Iterator[tuple[int, int]]:
         """(shard, index among that shard's shuffled windows) of each row of this rank's batch."""
         order, ends = layout
-        first = batch * self.batch_size * self.world_size + self.rank * self.batch_size
+        first = batch * self.global_batch_size + self._first_row
         for position in range(first, first + self.batch_size):
             slot = int(np.searchsorted(ends, position, side="right"))
             yield int(order[slot]), position - (int(ends[slot - 1]) if slot else 0)
@@ -201,19 +209,20 @@ class TokenLoader:
     # --- resumable state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "world_size": self.world_size, "fingerprint": self.fingerprint}
+                "batch_sizes": list(self.batch_sizes), "world_size": self.world_size, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; the settings and shards must match the saved ones.
 
         Raises:
-            ValueError: a setting or the shards differ (the batches would differ), or the
-                position is out of range.
+            ValueError: a setting (the per-rank batch sizes too) or the shards differ (the
+                batches would differ), or the position is out of range.
         """
-        for key in ("seed", "seq_len", "batch_size", "world_size", "fingerprint"):
+        for key in ("seed", "seq_len", "world_size", "fingerprint"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
                                  f"{key}={getattr(self, key)!r}; resuming would serve different batches")
+        check_saved_batch_sizes(state, self.batch_sizes)
         epoch, batch = state.get("epoch"), state.get("batch")
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"loader state has epoch={epoch!r}; expected a non-negative int")

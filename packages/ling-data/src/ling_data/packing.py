@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ling_data.errors import DataError
+from ling_data.rank_batches import check_saved_batch_sizes, global_batch_text, rank_batch_sizes
 
 
 def pack_documents(token_lists: Iterable[Sequence[int]], eos_id: int) -> torch.Tensor:
@@ -38,11 +39,13 @@ class PackedLoader:
     tokens, window ``i`` starting at ``i * seq_len``; a window gives ``inputs = w[:-1]`` and
     ``labels = w[1:]``. Epoch ``e`` visits the windows in the order
     ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))``, cut into
-    consecutive batches of ``batch_size``; rank ``r`` of ``world_size`` takes batches
-    ``r, r + world_size, r + 2 * world_size, ...``, so ranks see disjoint windows. Every rank
-    takes the same number of batches per epoch (:attr:`batches_per_epoch`); the windows left
-    over (fewer than ``batch_size * world_size``) are skipped that epoch and land elsewhere in
-    the next permutation.
+    consecutive global batches of ``batch_size * world_size`` windows, of which rank ``r`` of
+    ``world_size`` takes the ``r``-th ``batch_size``, so ranks see disjoint windows. With
+    ``batch_sizes`` (one per rank, e.g. ``[8, 2]`` for a GPU and a CPU rank) a global batch is
+    ``sum(batch_sizes)`` windows and rank ``r`` takes ``batch_sizes[r]`` of them from
+    ``sum(batch_sizes[:r])`` on (:mod:`ling_data.rank_batches`). Every rank takes the same
+    number of batches per epoch (:attr:`batches_per_epoch`); the windows left over (fewer than a
+    global batch) are skipped that epoch and land elsewhere in the next permutation.
 
     Iterating yields batches forever; :meth:`state_dict` / :meth:`load_state_dict` save and
     restore the position so a resumed loader yields exactly the batches an uninterrupted one
@@ -53,32 +56,36 @@ class PackedLoader:
         self,
         stream: torch.Tensor | Sequence[int],
         seq_len: int,
-        batch_size: int,
+        batch_size: int | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        batch_sizes: Sequence[int] | None = None,
     ) -> None:
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
+        for name, value in (("seq_len", seq_len), ("world_size", world_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r}; expected a positive int")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank!r}; expected an int in [0, world_size={world_size})")
+        self.batch_sizes = rank_batch_sizes(batch_size, batch_sizes, rank, world_size)
         stream = torch.as_tensor(stream, dtype=torch.int64)
         if stream.ndim != 1:
             raise ValueError(f"stream has shape {tuple(stream.shape)}; expected a 1-D token stream")
         self.seq_len = seq_len
-        self.batch_size = batch_size
+        self.batch_size = self.batch_sizes[rank]  # this rank's rows per batch
+        self.global_batch_size = sum(self.batch_sizes)
+        self._first_row = sum(self.batch_sizes[:rank])  # this rank's offset in a global batch
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.num_windows = max(len(stream) - 1, 0) // seq_len
-        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        self.batches_per_epoch = self.num_windows // self.global_batch_size
         if self.batches_per_epoch == 0:
-            needed = batch_size * world_size
+            needed = self.global_batch_size
             raise DataError(
                 f"token stream of {len(stream)} tokens is too short: it gives {self.num_windows} "
-                f"windows of seq_len+1={seq_len + 1} tokens, but batch_size={batch_size} x "
-                f"world_size={world_size} needs at least {needed} windows "
+                f"windows of seq_len+1={seq_len + 1} tokens, but {global_batch_text(self.batch_sizes)} "
+                f"needs at least {needed} windows "
                 f"({needed * seq_len + 1} tokens); use more documents or a smaller seq_len/batch_size"
             )
         # unfold makes a view: window i is stream[i*seq_len : i*seq_len + seq_len + 1].
@@ -99,7 +106,7 @@ class PackedLoader:
 
     def window_indices(self, epoch: int, position: int) -> torch.Tensor:
         """The windows (rows) of this rank's batch at ``(epoch, position)``, in row order."""
-        start = (position * self.world_size + self.rank) * self.batch_size
+        start = position * self.global_batch_size + self._first_row
         if epoch == self.epoch:
             return self._epoch_order()[start : start + self.batch_size]
         order = torch.randperm(self.num_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -120,7 +127,7 @@ class PackedLoader:
         return bounds.tolist()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``(input_ids, labels)``, each ``[batch_size, seq_len]`` int64."""
+        """The next ``(input_ids, labels)``, each ``[batch_size, seq_len]`` int64 (this rank's size)."""
         windows = self._windows[self.window_indices(self.epoch, self.position)]
         self.position += 1
         if self.position == self.batches_per_epoch:
@@ -139,7 +146,7 @@ class PackedLoader:
             "position": self.position,
             "seed": self.seed,
             "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
+            "batch_sizes": list(self.batch_sizes),
             "world_size": self.world_size,
             "num_windows": self.num_windows,
         }
@@ -148,15 +155,16 @@ class PackedLoader:
         """Continue from ``state``; the loader's settings must match the ones saved there.
 
         Raises:
-            ValueError: a setting differs (the batches would differ) or the position is
-                out of range.
+            ValueError: a setting differs (the batches would differ), including the
+                per-rank batch sizes, or the position is out of range.
         """
-        for key in ("seed", "seq_len", "batch_size", "world_size", "num_windows"):
+        for key in ("seed", "seq_len", "world_size", "num_windows"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"loader state has {key}={state[key]!r} but this loader has {key}={getattr(self, key)!r}; "
                     "resuming would serve different batches"
                 )
+        check_saved_batch_sizes(state, self.batch_sizes)
         epoch, position = state["epoch"], state["position"]
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"loader state has epoch={epoch!r}; expected a non-negative int")
