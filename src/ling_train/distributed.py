@@ -183,13 +183,7 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
         experts = config.model_config().num_experts
         if experts % config.expert_parallel:
             raise RunConfigError(f"--expert-parallel {config.expert_parallel}: must divide num_experts ({experts})")
-<<<<<<< HEAD
-=======
     config.batch_sizes(world_size)  # a per-process list must have one entry per process
-    if config.eval_every and world_size > 1:
-        raise RunConfigError("--eval-every: in-training eval is not wired for several processes yet; "
-                             "evaluate the checkpoints with ling-eval")
->>>>>>> wt-batch
     if config.anomaly is not None:
         from ling_train.anomaly.config import check_workers
         check_workers(config.anomaly_config(), config.dist, world_size)
