@@ -66,12 +66,18 @@ def test_an_eval_forward_is_not_a_training_forward_under_edit():
     rows = []
     callback = EvalCallback(1, load_eval_tasks(["corpus_ppl", "facts_mc"]),
                             cached_tokenizer(embedded_corpus(), vocab_size=512).model_path, rows.append,
-                            weights, model_config, label, limit=2)
+                            weights, model_config, label, limit=2, local_sgd=True)
     trainer = Trainer(model, inner, None, None, TrainerSettings(total_steps=1), torch.device("cpu"), [callback])
+    trainer.step = 1
     callback.on_train_start(trainer)
     callback.score(trainer, 1)  # corpus_ppl runs the model's full forward
     assert rows and rows[0]["step"] == 1 and rows[0]["eval/corpus_ppl"] > 0 and rows[0]["eval_weights"] == "global"
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    callback.on_train_end(trainer)  # nothing changed since: no second row
+    assert len(rows) == 1
     with torch.no_grad():
         model(ids)  # the next forward is where the sync happens
     assert not all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    # As at the end of a run, whose final sync completes after the last step's row: scored again.
+    callback.on_train_end(trainer)
+    assert [row["step"] for row in rows] == [1, 1] and rows[1]["eval/corpus_ppl"] != rows[0]["eval/corpus_ppl"]

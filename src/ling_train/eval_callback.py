@@ -88,7 +88,7 @@ class EvalCallback(Callback):
 
     def __init__(self, every: int, tasks: list[Task], tokenizer_path: Path, write: Callable[[dict], None],
                  weights: WeightsSource, model_config, label: str = GLOBAL_WEIGHTS,
-                 limit: int | None = None, seed: int = 0, batch_size: int = 32):
+                 limit: int | None = None, seed: int = 0, batch_size: int = 32, local_sgd: bool = False):
         self.every = every
         self.tasks = tasks
         self.tokenizer_path = tokenizer_path
@@ -96,11 +96,13 @@ class EvalCallback(Callback):
         self.weights = weights
         self.model_config = model_config
         self.label = label
+        self.local_sgd = local_sgd  # `weights` is then the live model's, read without a collective
         self.limit = limit
         self.seed = seed
         self.batch_size = batch_size
         self.tokenizer = None
         self.last_scored = -1
+        self.scored_versions: tuple[int, ...] | None = None  # the scored tensors' in-place write counters
 
     def on_train_start(self, trainer: Trainer) -> None:
         from ling_data import Tokenizer
@@ -111,8 +113,21 @@ class EvalCallback(Callback):
             self.score(trainer, step)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if self.last_scored != trainer.step and trainer.step > 0:
+        """Score the final weights unless the last row already did. Under Local SGD the last step's
+        row may predate the final sync, which completes only when the run ends (the final
+        checkpoint's `state_dict()` finishes it): then the scoring rank scores again, a second row
+        for the same step, so the last row always holds what the final checkpoint holds. (No
+        collective: under Local SGD `weights` reads the live model.)"""
+        if trainer.step == 0:
+            return
+        rewritten = (self.local_sgd and self.scored_versions is not None
+                     and self.scored_versions != self._versions(self.weights()))
+        if self.last_scored != trainer.step or rewritten:
             self.score(trainer, trainer.step)
+
+    @staticmethod
+    def _versions(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        return tuple(tensor._version for tensor in state.values())  # shared with the live parameters
 
     def score(self, trainer: Trainer, step: int) -> dict[str, Any] | None:
         """The row written (None on a rank that does not evaluate)."""
@@ -122,6 +137,7 @@ class EvalCallback(Callback):
         self.last_scored = step
         if state is None:
             return None
+        self.scored_versions = self._versions(state)
         model = model_from_state(self.model_config, state, trainer.device)
         with trainer.autocast():
             results = evaluate(ling_eval_model(model), self.tokenizer, self.tasks, seed=self.seed,

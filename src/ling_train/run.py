@@ -213,7 +213,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         weights, label = scored_weights(setup, config, model)
         trainer.callbacks.insert(2, EvalCallback(config.eval_every, eval_tasks, data.tokenizer_path, metrics.write,
                                                  weights, model_config, label, limit=config.eval_limit or None,
-                                                 seed=config.seed))
+                                                 seed=config.seed, local_sgd=setup.local_sgd is not None))
     if trainer_state is not None:
         trainer_state = (snapshots.fit_state(trainer_state, model, optimizer) if from_snapshot else
                          dist_checkpoint.fit_resume_state(trainer_state, setup, model, optimizer, data.loader,
