@@ -141,7 +141,8 @@ def test_loss_spike_rollback_replays_without_the_bad_batch(clean_run):
 def test_rollback_waits_for_the_flash_snapshot_still_copying_the_weights(tmp_path):
     """An overlapped flash snapshot taken at step 10 is still being copied when step 11's loss
     spike rolls the weights back in place; the rollback must wait for the copy
-    (`before_state_rewrite`), else the snapshot is discarded (a CheckpointError at the end)."""
+    (`before_state_rewrite`), else the snapshot is discarded (a CheckpointError at the end), and
+    it drops that snapshot, of a step being undone, until the replay writes step 10 again."""
     from ling_dist import FlashCheckpointer
     from ling_train.snapshots import SnapshotCallback
 
@@ -152,6 +153,8 @@ def test_rollback_waits_for_the_flash_snapshot_still_copying_the_weights(tmp_pat
             live["trainer"] = trainer
 
         def post_step(self, trainer, step, metrics):
+            if step == 9 and "weights" in live:  # replaying after the rollback to step 8
+                live["undone_snapshot_kept"] = (tmp_path / "step-000000010").exists()
             if step == 10:
                 live["weights"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
@@ -161,6 +164,7 @@ def test_rollback_waits_for_the_flash_snapshot_still_copying_the_weights(tmp_pat
     _, events, _, trainer = run(STEPS, inserted={10: "unseen_tokens"}, extra_callbacks=[KeepStepTen(), snapshots],
                                 anomaly={"on_loss_spike": "rollback", "snapshot_every": 4})
     assert [e["step"] for e in events if e["event"] == "rollback"] == [11] and trainer.step == STEPS
+    assert live["undone_snapshot_kept"] is False  # the rollback dropped the snapshot of an undone step
     step, state = FlashCheckpointer(tmp_path).restore()
     assert step == 10 and all(torch.equal(state["model"][k], v) for k, v in live["weights"].items())
 

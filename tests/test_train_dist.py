@@ -243,6 +243,21 @@ def test_resume_with_other_batch_sizes_continues_after_the_consumed_windows(tmp_
     assert [r["tokens"] for r in rows(tmp_path / "resumed") if "loss" in r] == [2 * 32]
 
 
+def test_a_resume_state_that_does_not_fit_the_flags_exits_2_with_one_line(tmp_path, capsys):
+    """Found only when the trainer loads the state (here EDiT's sync schedule): one line naming the
+    checkpoint, exit 2, and no run directory (not an internal error's traceback)."""
+    config = write_config(tmp_path, extra="checkpoint_every = 2\n")
+    assert main(["--config", str(config), "--dist", "edit", "--sync-every", "4", "--steps", "2",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    capsys.readouterr()
+    step2 = tmp_path / "run" / "checkpoints" / "step-2"
+    assert main(["--resume", str(step2), "--sync-every", "2", "--steps", "3", "--out", str(tmp_path / "other"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ling-train: error: --resume {step2}: ") and "sync_every" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "other").exists()
+
+
 @pytest.mark.slow
 def test_diloco_per_process_batch_sizes(tmp_path):
     """`--batch-size 3,1`: rank 0 steps on 3 sequences and rank 1 on 1; every sync reports each

@@ -104,6 +104,14 @@ def test_resume_from_a_snapshot_in_one_process_is_bitwise(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def test_aedit_snapshots_in_one_process(tmp_path):
+    """One A-EDiT process (no process group): its sync-point snapshots are named by its own step."""
+    config = write_config(tmp_path, extra="checkpoint_every = 0\n")
+    assert main(["--config", str(config), "--dist", "aedit", "--sync-seconds", "0.01", "--snapshot-every", "2",
+                 "--steps", "4", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert [s.step for s in complete_snapshots(tmp_path / "run" / "snapshots")]
+
+
 def test_max_restarts_needs_nproc(capsys):
     assert main(["--max-restarts", "1", "--dry-run"]) == 2
     assert "--max-restarts: needs --nproc" in capsys.readouterr().err

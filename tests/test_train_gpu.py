@@ -52,8 +52,9 @@ def launch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_nccl_data_parallel_and_edit_side_stream_on_one_gpu(tmp_path):
-    """One process per GPU under torchrun: DDP over nccl, and EDiT (its layer-wise exchange runs on
-    nccl's own stream, overlapped with the forward) with flash snapshots from pinned host memory."""
+    """One process on the GPU under torchrun, in an nccl group of one: `--dist ddp` (DDP itself
+    wraps only with >= 2 ranks, so it is not exercised on a one-GPU machine) and EDiT (its exchange
+    on nccl's own stream) with flash snapshots from pinned host memory."""
     config = write_config(tmp_path, extra="checkpoint_every = 0\n")
     for dist_mode, extra in (("ddp", []), ("edit", ["--sync-every", "2", "--snapshot-every", "2"])):
         out = tmp_path / dist_mode

@@ -129,7 +129,10 @@ MODE_SETTINGS = {"sync_every": ("diloco", "edit"), "sync_seconds": ("aedit",), "
 def settings_for_dist(values: dict[str, Any], dist: str) -> dict[str, Any]:
     """A checkpoint's run config continued under `dist`, which may be another --dist: the old
     mode's settings that `dist` does not take are dropped, so that its own defaults apply."""
-    return {k: v for k, v in values.items() if k not in MODE_SETTINGS or dist in MODE_SETTINGS[k]}
+    kept = {k: v for k, v in values.items() if k not in MODE_SETTINGS or dist in MODE_SETTINGS[k]}
+    if kept.get("device") == "mixed" and dist not in LOCAL_SGD_MODES:  # CPU+GPU ranks cannot run DDP/FSDP2
+        kept.pop("device")
+    return kept
 
 
 def validate_dist(config: "RunConfig", source: str) -> None:

@@ -171,7 +171,7 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
     else:
         backend = "gloo" if device.type == "cpu" else None
         rank, world_size, dist_device = init_distributed(backend=backend)
-        if device.type == "cuda":
+        if device.type == "cuda" and torch.distributed.is_initialized():  # alone: the --device asked for
             device = dist_device
     if config.expert_parallel:
         if world_size % config.expert_parallel:

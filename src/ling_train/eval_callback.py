@@ -109,7 +109,8 @@ class EvalCallback(Callback):
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
 
     def post_step(self, trainer: Trainer, step: int, metrics: dict[str, Any]) -> None:
-        if step % self.every == 0:
+        last = trainer.should_stop or step == trainer.settings.total_steps  # on_train_end scores it
+        if step % self.every == 0 and not last:
             self.score(trainer, step)
 
     def on_train_end(self, trainer: Trainer) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ling_core import build_model, flops_per_token, load_weights
+from ling_core import CheckpointError, build_model, flops_per_token, load_weights
 from ling_core.hf_io import write_text_atomic
 from ling_data import PackedLoader, TokenLoader, cached_tokenizer, embedded_corpus, pack_documents, read_text_documents
 from ling_data import DataError, is_shard_dir, load_manifest
@@ -218,7 +218,10 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         trainer_state = (snapshots.fit_state(trainer_state, model, optimizer) if from_snapshot else
                          dist_checkpoint.fit_resume_state(trainer_state, setup, model, optimizer, data.loader,
                                                           resume_from))
-        trainer.load_state_dict(trainer_state)
+        try:
+            trainer.load_state_dict(trainer_state)
+        except ValueError as e:  # a schedule, loader or optimizer that does not fit this run's flags
+            raise CheckpointError(f"--resume {resume_from}: {e}") from None
         if "local_model" in trainer_state:
             model.load_state_dict(trainer_state["local_model"])
 

@@ -259,8 +259,17 @@ class SnapshotCallback(Callback):
         self.fence()  # before optimizer.step(): a Local SGD exchange, then the inner step
         return False
 
-    def before_state_rewrite(self, trainer: Trainer) -> None:
-        self.fence()  # an anomaly rollback is about to copy older weights into the live tensors
+    def before_state_rewrite(self, trainer: Trainer, to_step: int) -> None:
+        """An anomaly rollback (one process only) is about to copy step `to_step`'s weights into the
+        live tensors: let the copy finish, then drop the snapshots of the steps being undone, so
+        that a crash before the replay reaches them again cannot resume the discarded steps."""
+        self.fence()
+        self.flash.wait()
+        for entry in self.flash.directory.iterdir():
+            match = STEP_DIR.match(entry.name)
+            if match and int(match.group(1)) > to_step:
+                shutil.rmtree(entry)
+        self.update_latest()
 
     def fence(self) -> None:
         self.flash.wait_for_snapshot()
@@ -277,6 +286,8 @@ class SnapshotCallback(Callback):
         complete = complete_snapshots(self.flash.directory, self.flash.world_size)
         if complete:
             write_text_atomic(self.flash.directory / LATEST, complete[0].path.name + "\n")
+        else:
+            (self.flash.directory / LATEST).unlink(missing_ok=True)
         if prune and len(complete) > self.flash.keep_last:
             oldest_kept = complete[self.flash.keep_last - 1].step
             for entry in self.flash.directory.iterdir():
@@ -312,6 +323,8 @@ class SyncPointSnapshots(SnapshotCallback):
         if mark <= self.saved_mark:
             return None
         self.saved_mark = mark
+        if not (dist.is_available() and dist.is_initialized()):  # one process: its own step
+            return step
         name = torch.tensor([step], device=self.device)
         dist.broadcast(name, src=0)
         return int(name.item())

@@ -34,10 +34,10 @@ class Callback:
     def on_checkpoint(self, trainer: "Trainer", step: int, path: Any) -> None: ...
     def on_error(self, trainer: "Trainer", error: BaseException) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
-    def before_state_rewrite(self, trainer: "Trainer") -> None:
+    def before_state_rewrite(self, trainer: "Trainer", to_step: int) -> None:
         """Called (through `Trainer.before_state_rewrite`) before a callback rewrites weights or
-        optimizer state in place outside `optimizer.step()` (an anomaly rollback), so a background
-        copy of that state (a flash snapshot) can finish reading it first."""
+        optimizer state in place outside `optimizer.step()` (an anomaly rollback to `to_step`), so
+        a background copy of that state (a flash snapshot) can finish reading it first."""
 
 
 class Loader(Protocol):
@@ -157,10 +157,11 @@ class Trainer:
         for cb in reversed(self.callbacks):
             cb.on_train_end(self)
 
-    def before_state_rewrite(self) -> None:
-        """Tell every callback that the state is about to be rewritten in place (see Callback)."""
+    def before_state_rewrite(self, to_step: int) -> None:
+        """Tell every callback that the state is about to go back to `to_step`, rewritten in place
+        (see Callback)."""
         for cb in self.callbacks:
-            cb.before_state_rewrite(self)
+            cb.before_state_rewrite(self, to_step)
 
     # --- resumable state (everything but the weights, which are saved in HF layout) ---
     def state_dict(self) -> dict[str, Any]:

@@ -74,6 +74,21 @@ def test_state_dict_round_trip_mid_interval_resumes_identically() -> None:
     assert resumed.syncs == diloco.syncs == 3
 
 
+def test_load_keeps_this_instances_outer_hyperparameters_and_restores_the_momentum() -> None:
+    """A resumed run may change --outer-lr / --outer-momentum: the saved momentum buffers come
+    back, the saved lr and momentum do not."""
+    model = make_model(0)
+    saved = DiLoCo(model, make_inner(model), sync_every=1, outer_lr=0.7, outer_momentum=0.9)
+    train(model, saved, rank_batches(0, 2, rows=3))  # two syncs: a momentum buffer exists
+    state = saved.state_dict()
+    resumed = DiLoCo(model, make_inner(model), sync_every=1, outer_lr=0.3, outer_momentum=0.0)
+    resumed.load_state_dict(state)
+    group = resumed.outer_optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.3, 0.0, False)
+    buffers = [resumed.outer_optimizer.state[a]["momentum_buffer"] for a in resumed.anchor]
+    assert all(torch.equal(b, saved.outer_optimizer.state[a]["momentum_buffer"]) for a, b in zip(saved.anchor, buffers))
+
+
 @settings(max_examples=15, deadline=None)
 @given(rows=st.lists(st.integers(1, 6), min_size=2, max_size=4), data=st.data())
 def test_weighted_average_is_independent_of_worker_order(rows: list[int], data: st.DataObject) -> None:

@@ -56,7 +56,7 @@ class Snapshot:
         self.detector_state = copy.deepcopy(detector_state)
 
     def restore(self, trainer: Trainer) -> None:
-        trainer.before_state_rewrite()  # e.g. a flash snapshot still copying these tensors
+        trainer.before_state_rewrite(self.step)  # e.g. a flash snapshot still copying these tensors
         trainer.model.load_state_dict(self.weights)
         # deepcopy: optimizer.load_state_dict keeps same-device tensors by reference, and the next
         # in-place update would otherwise corrupt this snapshot for a later rollback.

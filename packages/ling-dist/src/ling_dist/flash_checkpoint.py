@@ -175,8 +175,10 @@ class FlashCheckpointer:
         try:
             for buffer, tensor in pending.copies:
                 copy_on_this_thread(buffer, tensor)
-            if any(buffer.is_pinned() for buffer, _ in pending.copies):
-                torch.cuda.current_stream().synchronize()  # the non_blocking device-to-host copies
+            # The non_blocking device-to-host copies, on each source device's current stream (this
+            # thread's current device is cuda:0 whatever the rank's is, so name each device).
+            for device in {tensor.device for buffer, tensor in pending.copies if buffer.is_pinned()}:
+                torch.cuda.current_stream(device).synchronize()
         finally:
             pending.copies = []
             pending.copied.set()

@@ -345,7 +345,12 @@ class LocalSGD:
             for saved, current in zip(anchor, self.anchor):
                 current.copy_(saved)  # in place: the outer optimizer holds these tensors
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        # The outer momentum buffers come back; its lr, momentum and nesterov stay this instance's
+        # (a resumed run may change --outer-lr / --outer-momentum, like the inner lr's schedule).
+        hyper = [{k: group[k] for k in ("lr", "momentum", "nesterov")} for group in self.outer_optimizer.param_groups]
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        for group, kept in zip(self.outer_optimizer.param_groups, hyper):
+            group.update(kept)
         self.weighting.load_state_dict(state.get("weighting", {}))
         self.inner_steps = state["inner_steps"]
         self.steps_since_sync = state["steps_since_sync"]

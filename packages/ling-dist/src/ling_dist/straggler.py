@@ -62,9 +62,11 @@ class StragglerMonitor:
         mean = torch.tensor([self._seconds / self.interval], dtype=torch.float64)
         self._seconds = 0.0
         if dist.is_available() and dist.is_initialized():
+            if dist.get_backend(self.process_group) == "nccl":  # nccl moves CUDA tensors only
+                mean = mean.to(torch.device("cuda", torch.cuda.current_device()))
             gathered = [torch.empty_like(mean) for _ in range(dist.get_world_size(self.process_group))]
             dist.all_gather(gathered, mean, group=self.process_group)
-            means = torch.cat(gathered)
+            means = torch.cat(gathered).cpu()
         else:
             means = mean
         median = means.median().item()
