@@ -74,8 +74,14 @@ def test_resume_prefers_a_newer_snapshot_only_at_its_world_size(tmp_path):
     assert resolve_resume(run, world_size=2) == run / "snapshots" / "step-000000004"
     with pytest.raises(RunConfigError, match=r"--nproc 2.*checkpoints/step-2"):
         resolve_resume(run, world_size=1)
-    (run / "checkpoints" / "latest").write_text("step-6\n")
+    (run / "config.toml").write_text('dist = "edit"\n')
+    assert resolve_resume(run, world_size=2, dist="edit") == run / "snapshots" / "step-000000004"
+    assert resolve_resume(run, world_size=2, dist="ddp") is None  # another --dist: the HF checkpoint
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(RunConfigError, match=r"snapshot step 4, of a --dist edit run.*resume with --dist edit"):
+        resolve_resume(run, world_size=2, dist="ddp")
     (run / "checkpoints" / "step-6" / "trainer_state").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step-6\n")
     assert resolve_resume(run, world_size=1) is None  # the HF checkpoint is newer: the caller takes it
 
 

@@ -113,7 +113,7 @@ def build_config(args: argparse.Namespace):
             raise UsageError("--resume: give a checkpoint path, or --out RUN to resume RUN's latest")
         given = Path(args.resume or args.out)
         world_size = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE") or 1)
-        resume_from = snapshots.resolve_resume(given, world_size) or ckpt.resolve_checkpoint(given)
+        resume_from = snapshots.resolve_resume(given, world_size, args.dist) or ckpt.resolve_checkpoint(given)
         base = tomllib.loads(snapshots.run_config_of(resume_from) if snapshots.is_snapshot(resume_from)
                              else ckpt.read_run_config_toml(resume_from))
         if not args.out:  # default: continue in the run the checkpoint belongs to

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,10 +137,12 @@ def restart_source(out: Path, rank: int, world_size: int, device: torch.device, 
     return source
 
 
-def resolve_resume(path: Path, world_size: int) -> Path | None:
+def resolve_resume(path: Path, world_size: int, dist: str | None = None) -> Path | None:
     """`--resume RUN` (or RUN/checkpoints): the newest complete snapshot at `world_size` processes
     when it is newer than the latest HF checkpoint, else None (the caller resolves the HF one).
-    A snapshot step dir is returned as it is."""
+    A snapshot step dir is returned as it is. `dist`: the `--dist` asked for, if any; a snapshot
+    resumes only under its run's own, so under another the HF checkpoint is taken (which can
+    change `--dist`), or, without one, an error says so."""
     if is_snapshot(path):
         return path
     run = path.parent if path.name == "checkpoints" else path
@@ -148,6 +151,15 @@ def resolve_resume(path: Path, world_size: int) -> Path | None:
         return None
     newest, hf = snapshots[0], _hf_checkpoint_step(run)
     if hf is not None and hf[0] >= newest.step:
+        return None
+    run_dist = tomllib.loads(run_config_of(newest.path)).get("dist", "none") if dist is not None else None
+    if dist is not None and dist != run_dist:
+        if hf is None:
+            raise RunConfigError(f"--resume {path}: its only saved state is snapshot step {newest.step}, of a "
+                                 f"--dist {run_dist} run, and a snapshot resumes only under its own --dist; resume "
+                                 f"with --dist {run_dist} (an HF checkpoint of the run could change it)")
+        log.warning("--resume %s: snapshot step %d is newer, but resuming under --dist %s (the run had %s) "
+                    "takes the HF checkpoint %s", path, newest.step, dist, run_dist, hf[1])
         return None
     if newest.world_size != world_size:
         hint = (f"resume with --nproc {newest.world_size}, or at any process count from the HF checkpoint: "
