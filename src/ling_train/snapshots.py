@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import tomllib
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ling_core.hf_io import write_text_atomic
 from ling_dist.flash_checkpoint import CheckpointError as DistCheckpointError
 from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, list_snapshots, load_snapshot, shards_like
 from ling_dist.snapshot_files import STEP_DIR_PATTERN as STEP_DIR
+from ling_dist.snapshot_files import remove_step_dirs
 from ling_train.config import RunConfig, RunConfigError
 from ling_train.trainer import Callback, Trainer
 
@@ -130,10 +130,7 @@ def restart_source(out: Path, rank: int, world_size: int, device: torch.device, 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank has read its state before anything is deleted
     if rank == 0:
-        for entry in (out / SNAPSHOTS_DIR).iterdir() if (out / SNAPSHOTS_DIR).is_dir() else ():
-            match = STEP_DIR.match(entry.name)
-            if match and int(match.group(1)) > keep_up_to:
-                shutil.rmtree(entry, ignore_errors=True)
+        remove_step_dirs(out / SNAPSHOTS_DIR, lambda step: step > keep_up_to)
     return source
 
 
@@ -277,10 +274,7 @@ class SnapshotCallback(Callback):
         that a crash before the replay reaches them again cannot resume the discarded steps."""
         self.fence()
         self.flash.wait()
-        for entry in self.flash.directory.iterdir():
-            match = STEP_DIR.match(entry.name)
-            if match and int(match.group(1)) > to_step:
-                shutil.rmtree(entry)
+        remove_step_dirs(self.flash.directory, lambda step: step > to_step)
         self.update_latest()
 
     def fence(self) -> None:
@@ -302,10 +296,7 @@ class SnapshotCallback(Callback):
             (self.flash.directory / LATEST).unlink(missing_ok=True)
         if prune and len(complete) > self.flash.keep_last:
             oldest_kept = complete[self.flash.keep_last - 1].step
-            for entry in self.flash.directory.iterdir():
-                match = STEP_DIR.match(entry.name)
-                if match and int(match.group(1)) < oldest_kept:
-                    shutil.rmtree(entry, ignore_errors=True)
+            remove_step_dirs(self.flash.directory, lambda step: step < oldest_kept)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.fence()

@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -36,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ling_dist.snapshot_files import (STEP_DIR_PATTERN, CheckpointError, HashingWriter, Snapshot, fsync_dir,
-                                     latest_complete, list_snapshots, load_snapshot, rank_file_stem, step_dir_of,
+from ling_dist.snapshot_files import (CheckpointError, HashingWriter, Snapshot, fsync_dir, latest_complete,
+                                     list_snapshots, load_snapshot, rank_file_stem, remove_step_dirs, step_dir_of,
                                      write_atomic)
 
 __all__ = ["CheckpointError", "FlashCheckpointer", "Snapshot", "latest_complete", "list_snapshots", "load_snapshot",
@@ -271,10 +270,7 @@ class FlashCheckpointer:
         if len(complete) <= self.keep_last:
             return
         oldest_kept = complete[-self.keep_last].step
-        for entry in self.directory.iterdir():
-            match = STEP_DIR_PATTERN.match(entry.name)
-            if match and int(match.group(1)) < oldest_kept:
-                shutil.rmtree(entry, ignore_errors=True)
+        remove_step_dirs(self.directory, lambda step: step < oldest_kept)
 
     # -- resuming ------------------------------------------------------------------------------
     def restore(self, map_location: Any = "cpu", *, like: Any = None) -> tuple[int, Any] | None:

@@ -18,6 +18,8 @@ import io
 import json
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,16 @@ def list_snapshots(directory: str | os.PathLike, world_size: int | None = None) 
         if all(_rank_complete(entry, rank, size) for rank in range(size)):
             found.append(Snapshot(int(match.group(1)), entry, size))
     return sorted(found, key=lambda snapshot: snapshot.step)
+
+
+def remove_step_dirs(directory: str | os.PathLike, doomed: Callable[[int], bool]) -> None:
+    """Delete every `step-S` directory under `directory` (complete or not) whose step S is
+    `doomed`; a missing directory, or one already gone, is fine."""
+    directory = Path(directory)
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        match = STEP_DIR_PATTERN.match(entry.name)
+        if match and doomed(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def latest_complete(directory: str | os.PathLike) -> Snapshot | None:
