@@ -93,27 +93,18 @@ def write_checkpoint(setup: dist_run.DistSetup, config: RunConfig, trainer, mode
 
 class SyncPointCheckpointer(Checkpointer):
     """A-EDiT's periodic checkpoints. Its ranks take unequal numbers of steps, so `step % every`
-    would put one rank in the checkpoint's collectives while the others train on. Instead every
-    rank saves right after the sync point at which the ranks' total steps, as agreed there
-    (`global_inner_steps`), pass a multiple of `every` x world size: all ranks see the same total
-    at the same sync, and right after a sync every rank's weights are the anchor."""
+    would put one rank in the checkpoint's collectives while the others train on; every rank saves
+    at the same sync point instead (`distributed.SyncPointSchedule`), where all are at the anchor."""
 
     def __init__(self, save: Callable[[int], Path], every: int, local_sgd, world_size: int):
         super().__init__(save, every)
-        self.local_sgd = local_sgd
-        self.every_global = every * world_size
-        self.saved_mark = 0
+        self.schedule = dist_run.SyncPointSchedule(local_sgd, every, world_size)
 
     def on_train_start(self, trainer) -> None:
-        if self.every_global:
-            self.saved_mark = self.local_sgd.global_inner_steps // self.every_global
+        self.schedule.start()
 
     def post_step(self, trainer, step: int, metrics: dict[str, Any]) -> None:
-        if not self.every_global:
-            return
-        mark = self.local_sgd.global_inner_steps // self.every_global
-        if mark > self.saved_mark:
-            self.saved_mark = mark
+        if self.schedule.due():
             self._save(trainer, step)
 
 

@@ -40,6 +40,32 @@ def barrier() -> None:
         dist.barrier()
 
 
+class SyncPointSchedule:
+    """A-EDiT's "every N steps": its ranks take unequal numbers of steps, so `step % N` is no
+    moment they share. Instead this is due right after the sync point at which the ranks' total steps, as agreed
+    there (`global_inner_steps`), pass a multiple of N x world size. Every rank sees the same total
+    at the same sync, so all are due together (and, right after a sync, at the anchor). N = 0: never."""
+
+    def __init__(self, local_sgd: LocalSGD, every: int, world_size: int):
+        self.local_sgd, self.every_global = local_sgd, every * world_size
+        self.mark = 0
+
+    def start(self) -> None:
+        """At train start (also on resume): multiples already passed are not due again."""
+        if self.every_global:
+            self.mark = self.local_sgd.global_inner_steps // self.every_global
+
+    def due(self) -> bool:
+        """Whether a new multiple was passed at the last sync (call once per step, after it)."""
+        if not self.every_global:
+            return False
+        mark = self.local_sgd.global_inner_steps // self.every_global
+        if mark <= self.mark:
+            return False
+        self.mark = mark
+        return True
+
+
 class LocalSGDOptimizer:
     """Optimizer-shaped front of a Local SGD wrapper, so the Trainer's `optimizer.step()` runs the
     inner step and, at sync points, the outer one; `state_dict()` carries the inner and outer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,13 +29,10 @@ log = logging.getLogger("ling_train")
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device a process computes on; for `mixed`, the local rank's GPU if there is one, else the
-    CPU (init_process_group then joins one gloo group, whatever each rank got)."""
-    if name == "auto":
+    """The device a process computes on. `mixed` is `auto` here: under several processes
+    `distributed.init_process_group` then gives each rank its own GPU if it has one, else the CPU."""
+    if name in ("auto", "mixed"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "mixed":
-        local_rank = int(os.environ.get("LOCAL_RANK") or 0)
-        return torch.device("cuda", local_rank) if local_rank < torch.cuda.device_count() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -45,6 +45,7 @@ from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, list_snapsho
 from ling_dist.snapshot_files import STEP_DIR_PATTERN as STEP_DIR
 from ling_dist.snapshot_files import remove_step_dirs
 from ling_train.config import RunConfig, RunConfigError
+from ling_train.distributed import SyncPointSchedule
 from ling_train.trainer import Callback, Trainer
 
 log = logging.getLogger("ling_train")
@@ -149,8 +150,8 @@ def resolve_resume(path: Path, world_size: int, dist: str | None = None) -> Path
     newest, hf = snapshots[0], _hf_checkpoint_step(run)
     if hf is not None and hf[0] >= newest.step:
         return None
-    run_dist = tomllib.loads(run_config_of(newest.path)).get("dist", "none") if dist is not None else None
-    if dist is not None and dist != run_dist:
+    run_dist = dist and tomllib.loads(run_config_of(newest.path)).get("dist", "none")
+    if run_dist != dist:
         if hf is None:
             raise RunConfigError(f"--resume {path}: its only saved state is snapshot step {newest.step}, of a "
                                  f"--dist {run_dist} run, and a snapshot resumes only under its own --dist; resume "
@@ -307,25 +308,22 @@ class SnapshotCallback(Callback):
 
 
 class SyncPointSnapshots(SnapshotCallback):
-    """A-EDiT's snapshots (see the module docstring): due at the sync point where the agreed step
-    total passes a multiple of `every` x world size; named by rank 0's step (one broadcast, at
-    that sync point only, where every rank is)."""
+    """A-EDiT's snapshots (see the module docstring): due at the same sync points as its
+    checkpoints (`distributed.SyncPointSchedule`); named by rank 0's step (one broadcast, at that
+    sync point only, where every rank is)."""
 
     def __init__(self, *args, local_sgd, world_size: int, device: torch.device, **kwargs):
         super().__init__(*args, **kwargs)
-        self.local_sgd, self.every_global, self.device = local_sgd, self.every * world_size, device
-        self.saved_mark = 0
+        self.schedule, self.device = SyncPointSchedule(local_sgd, self.every, world_size), device
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.saved_mark = self.local_sgd.global_inner_steps // self.every_global
+        self.schedule.start()
 
     def due(self, trainer: Trainer, step: int) -> int | None:
         import torch.distributed as dist
 
-        mark = self.local_sgd.global_inner_steps // self.every_global
-        if mark <= self.saved_mark:
+        if not self.schedule.due():
             return None
-        self.saved_mark = mark
         if not (dist.is_available() and dist.is_initialized()):  # one process: its own step
             return step
         name = torch.tensor([step], device=self.device)
