@@ -313,12 +313,14 @@ class LocalSGD:
         """Everything besides the model's own parameters that a resumed run needs to continue
         identically: both optimizers, the anchor, the weighting's state and where this rank is
         inside the sync interval. Token counters are per rank, so each rank saves its own.
-        An exchange in progress is completed first, so the saved model is the synchronised one."""
+        An exchange in progress is completed first, so the saved model is the synchronised one.
+        Like `torch.optim.Optimizer.state_dict`, tensors are the live ones, not copies (a flash
+        snapshot copies them once, in the background): save or copy before the next step."""
         self.finish_sync()
         return {
             "inner_optimizer": self.inner_optimizer.state_dict(),
             "outer_optimizer": self.outer_optimizer.state_dict(),
-            "anchor": [a.detach().clone() for a in self.anchor],
+            "anchor": [a.detach() for a in self.anchor],
             **self.policy.state_dict(),
             "weighting": self.weighting.state_dict(),
             "inner_steps": self.inner_steps,
