@@ -149,7 +149,7 @@ class DistributedLogging(Callback):
             metrics["bytes_communicated"] = lsgd.bytes_communicated
             if lsgd.sync_points != self.seen_sync_points and lsgd.last_sync is not None:
                 self.seen_sync_points = lsgd.sync_points
-                self.write({"event": "sync", "step": step, **_plain(asdict(lsgd.last_sync)),
+                self.write({"event": "sync", "step": step, **json_plain(asdict(lsgd.last_sync)),
                             "global_inner_steps": lsgd.global_inner_steps,
                             "bytes_communicated": lsgd.bytes_communicated})
             if self.stop_at_global_steps is not None and lsgd.global_inner_steps >= self.stop_at_global_steps:
@@ -159,14 +159,14 @@ class DistributedLogging(Callback):
                 self.write(record.as_metrics())
 
 
-def _plain(value: Any) -> Any:
+def json_plain(value: Any) -> Any:
     """JSON-friendly copy (tensors and tuples to lists, non-finite floats kept as strings)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: json_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_plain(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return _plain(value.tolist())
+        return json_plain(value.tolist())
     if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
         return str(value)
     return value

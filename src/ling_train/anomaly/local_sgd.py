@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ling_dist import LocalSGD
 from ling_train.anomaly.loader import identify, loader_position
 from ling_train.anomaly.monitor import AnomalyMonitor
+from ling_train.distributed import json_plain
 from ling_train.trainer import Callback, Trainer
 
 
@@ -101,7 +102,7 @@ class LocalSGDAnomalies(Callback):
             norm = sync.norms[rank]
             self.write({"event": "anomaly", "step": step, "detector": "pseudo_gradient_outlier", "rank": rank,
                         "sync": sync.index,
-                        "statistic": {"z": finite_or_str(z), "norm": finite_or_str(norm), "z_threshold": threshold},
+                        "statistic": json_plain({"z": z, "norm": norm, "z_threshold": threshold}),
                         "batches": gathered[rank]["batches"], "response": "excluded"})
 
     def _stop_if_requested(self, trainer: Trainer, gathered: list[dict[str, Any]]) -> None:
@@ -110,8 +111,3 @@ class LocalSGDAnomalies(Callback):
             trainer.should_stop = True  # on every rank, after this same sync point
             if self.monitor is not None:
                 self.monitor.aborted = "; ".join(stops)
-
-
-def finite_or_str(value: float) -> float | str:
-    """JSON has no inf/nan: write them as strings, as the sync rows do."""
-    return value if math.isfinite(value) else str(value)

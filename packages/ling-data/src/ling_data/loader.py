@@ -104,12 +104,14 @@ class TokenLoader:
         order. Reads (and verifies) the shards involved: meant for the few batches an anomaly names."""
         first_document = np.cumsum([0] + [entry["documents"] for entry in self.manifest["shards"]])
         eos_at: dict[int, np.ndarray] = {}  # shard -> offsets of its EOS tokens (one per document)
+        starts: dict[int, np.ndarray] = {}  # shard -> its windows' starts in the epoch's order
         spans = []
         for shard, offset in self._rows(self._epoch_layout(epoch), batch):
             if shard not in eos_at:
                 lengths = read_shard(self.directory, self.manifest["shards"][shard], self.manifest["dtype"]).lengths
                 eos_at[shard] = np.cumsum(lengths.astype(np.int64) + 1) - 1
-            start = int(self._window_starts(shard, epoch)[offset])
+                starts[shard] = self._window_starts(shard, epoch)
+            start = int(starts[shard][offset])
             first, last = np.searchsorted(eos_at[shard], [start, start + self.seq_len], side="left")
             spans.append([int(first_document[shard] + first), int(first_document[shard] + last)])
         return spans
