@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import tomllib
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ling_dist.flash_checkpoint import CheckpointError as DistCheckpointError
 from ling_dist.flash_checkpoint import FlashCheckpointer, Snapshot, list_snapshots, load_snapshot, shards_like
 from ling_dist.snapshot_files import STEP_DIR_PATTERN as STEP_DIR
 from ling_dist.snapshot_files import remove_step_dirs
+from ling_train import checkpoint as ckpt
 from ling_train.config import RunConfig, RunConfigError
 from ling_train.distributed import SyncPointSchedule
 from ling_train.trainer import Callback, Trainer
@@ -102,12 +102,13 @@ def all_ranks_agree(device: torch.device) -> Callable[[Snapshot, bool], bool]:
 
 
 def _hf_checkpoint_step(out: Path) -> tuple[int, Path] | None:
-    pointer = out / "checkpoints" / LATEST
-    if not pointer.is_file():
+    """(step, path) of the run's latest HF checkpoint, or None when it has none."""
+    try:
+        path = ckpt.latest_checkpoint(out / "checkpoints")
+    except CheckpointError:
         return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    match = re.match(r"^step-(\d+)$", path.name)
-    return (int(match.group(1)), path) if match and path.is_dir() else None
+    match = STEP_DIR.match(path.name)  # HF checkpoints are step-N, snapshots step-%09d: one pattern
+    return (int(match.group(1)), path) if match else None
 
 
 @dataclass
