@@ -134,12 +134,39 @@ def test_forward_outputs_and_loss_composition():
                or "shared_experts" in n)
 
 
-def test_norm_head_normalises_rows():
-    model = build_model(small_config(norm_head=True), seed=0)
-    w = model.output_weight()
-    torch.testing.assert_close(w.norm(dim=-1), torch.ones(w.shape[0]))
+def test_norm_head_normalises_each_hidden_column_over_the_vocabulary():
+    """Hand-computed: lm_head [[3, 0], [4, 1]] has column norms 5 and 1 (over the vocabulary), so
+    NormHead gives [[0.6, 0], [0.8, 1]]. The norm is detached (as in the HF reference): the
+    gradient of sum(W_normed * G) is G divided column-wise by the norm, here [[0.2, 1], [0.2, 1]]
+    for G = 1 (normalize's own gradient, through the norm, would give 0 in column 1)."""
+    model = build_model(small_config(vocab_size=2, hidden_size=2, num_attention_heads=1, num_key_value_heads=1,
+                                     head_dim=2, norm_head=True), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.tensor([[3.0, 0.0], [4.0, 1.0]]))
+    weight = model.output_weight()
+    # fp32: 3 / (5 + 1e-7) is 0.6 to within one ulp; 1e-6 covers it.
+    torch.testing.assert_close(weight, torch.tensor([[0.6, 0.0], [0.8, 1.0]]), rtol=1e-6, atol=1e-6)
+    weight.sum().backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, torch.tensor([[0.2, 1.0], [0.2, 1.0]]),
+                               rtol=1e-6, atol=1e-6)
+    final_hidden = []
+    model.model.norm.register_forward_hook(lambda module, args, out: final_hidden.append(out.detach()))
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 0]])).logits[0]
+    torch.testing.assert_close(logits, final_hidden[0][0] @ torch.tensor([[0.6, 0.0], [0.8, 1.0]]).T,
+                               rtol=1e-5, atol=1e-6)
     plain = build_model(small_config(norm_head=False), seed=0)
     assert torch.equal(plain.output_weight(), plain.lm_head.weight)
+
+
+def test_norm_head_defaults_off_as_in_the_reference_and_is_on_in_the_presets():
+    """A config.json without `norm_head` loads as HF's BailingMoeConfig reads it (False)."""
+    from ling_core import PRESETS
+    assert LingConfig().norm_head is False
+    hf = small_config().to_hf()
+    del hf["norm_head"]
+    assert LingConfig.from_hf(hf).norm_head is False
+    assert all(config.norm_head for config in PRESETS.values())
 
 
 def test_hf_parameter_names():
@@ -211,9 +238,11 @@ def test_initial_loss_is_near_uniform():
     model = build_model(cfg, seed=0)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     assert abs(model(ids, ids).lm_loss.item() - math.log(cfg.vocab_size)) < 0.1
-    # NormHead: unit rows against a final hidden state of norm ~sqrt(hidden) give unit-scale logits
+    # NormHead: unit columns over the vocabulary make each weight ~1/sqrt(vocab); against a final
+    # hidden state of norm ~sqrt(hidden) the logits' scale is sqrt(hidden / vocab), whatever the init
     normed = build_model(cfg.replace(norm_head=True), seed=0)
-    assert 0.5 < normed(ids).logits.std().item() < 2.0
+    expected = math.sqrt(cfg.hidden_size / cfg.vocab_size)
+    assert 0.5 < normed(ids).logits.std().item() / expected < 2.0
 
 
 def test_bf16_autocast_forward_backward():

@@ -129,11 +129,11 @@ def activation_bytes_per_token(config: LingConfig, precision: Precision) -> dict
 
 def fixed_activation_bytes(config: LingConfig, seq_len: int) -> int:
     """Saved per micro-batch whatever its size: the chunked cross-entropy's fp32 [vocab, hidden]
-    weight gradient (computed in the forward, Liger-style), NormHead's row norms, and each
+    weight gradient (computed in the forward, Liger-style), NormHead's fp32 column norms, and each
     layer's fp32 RoPE cos/sin tables [seq, head_dim]."""
     v, h = config.vocab_size, config.hidden_size
     rope = config.num_hidden_layers * 2 * seq_len * config.head_dim * 4
-    return 4 * v * h + (2 * 4 * v if config.norm_head else 0) + rope
+    return 4 * v * h + (4 * h if config.norm_head else 0) + rope
 
 
 @dataclass

@@ -38,7 +38,7 @@ class LingConfig:
     moe_intermediate_size: int = 1408
     first_k_dense_replace: int = 0
     norm_topk_prob: bool = True
-    norm_head: bool = True
+    norm_head: bool = False  # the HF reference's default: a config.json without the key has no NormHead
     rope_theta: float = 600000.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 16384
@@ -143,19 +143,19 @@ PRESETS: dict[str, LingConfig] = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         num_experts=16, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=256,
         first_k_dense_replace=1, rope_theta=10000.0, max_position_embeddings=2048,
-        initializer_range=0.02, pad_token_id=0, eos_token_id=3,
+        initializer_range=0.02, pad_token_id=0, eos_token_id=3, norm_head=True,
     ),
     "lite": LingConfig(
         vocab_size=126464, hidden_size=2048, intermediate_size=5632, num_hidden_layers=28,
         num_attention_heads=16, num_key_value_heads=4, head_dim=128,
         num_experts=64, num_experts_per_tok=6, num_shared_experts=2, moe_intermediate_size=1408,
-        first_k_dense_replace=0,
+        first_k_dense_replace=0, norm_head=True,
     ),
     "plus": LingConfig(
         vocab_size=126464, hidden_size=5376, intermediate_size=14336, num_hidden_layers=88,
         num_attention_heads=42, num_key_value_heads=6, head_dim=128,
         num_experts=64, num_experts_per_tok=4, num_shared_experts=1, moe_intermediate_size=3072,
-        first_k_dense_replace=0,
+        first_k_dense_replace=0, norm_head=True,
     ),
 }
 

@@ -144,11 +144,14 @@ class LingForCausalLM(nn.Module):
 
     # --- forward ---
     def output_weight(self) -> torch.Tensor:
-        """NormHead (Baichuan 2 / Ling report): each vocabulary row of lm_head is unit-normalised,
-        which keeps the logits' scale stable early in training."""
+        """NormHead, as the Ling reference (HF `bailing_moe`) computes it: each hidden column of the
+        [vocab, hidden] lm_head is divided by its L2 norm over the vocabulary (dim 0), plus 1e-7.
+        The norm is detached, so the gradient is the plain one scaled by 1 / norm: the normaliser
+        keeps the logits' scale fixed without pulling the weights towards or away from it."""
+        weight = self.lm_head.weight
         if self.config.norm_head:
-            return F.normalize(self.lm_head.weight, dim=-1, eps=1e-7)
-        return self.lm_head.weight
+            return weight / (torch.linalg.vector_norm(weight, dim=0, keepdim=True) + 1e-7).detach()
+        return weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 return_logits: bool = False) -> LingOutput:
