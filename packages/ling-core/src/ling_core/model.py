@@ -61,13 +61,26 @@ class Attention(nn.Module):
         batch, _, seq, _ = out.shape
         return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask`: bool [batch, 1, seq, seq], True where a query may attend (see
+        `packed_causal_mask`); None is plain causal attention."""
         q, k, v = self.heads(x)
         cos, sin = rope_cos_sin(x.shape[1], self.head_dim, self.rope_theta, x.device)
         q, k = apply_rope(q, k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.merge_heads(out)
+
+
+def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention that stays inside each packed sample: bool [batch, 1, seq, seq].
+
+    `segment_ids` [batch, seq] numbers the samples of a row (padding is a segment of its own).
+    Positions keep counting across a row; RoPE scores depend only on the distance between two
+    positions, so a sample attends exactly as it would alone, up to the rounding of its angles."""
+    seq = segment_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
 class DecoderLayer(nn.Module):
@@ -80,8 +93,8 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoE(config) if self.is_moe
                     else SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias))
 
-    def forward(self, x: torch.Tensor):
-        x = x + self.attention(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        x = x + self.attention(self.input_layernorm(x), attention_mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             out, routing = self.mlp(h)
@@ -154,14 +167,16 @@ class LingForCausalLM(nn.Module):
         return weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                return_logits: bool = False) -> LingOutput:
+                return_logits: bool = False, segment_ids: torch.Tensor | None = None) -> LingOutput:
         """With `labels`, the loss comes from ling-kernels' chunked linear cross-entropy, which
         never materialises the [tokens, vocab] logits; they are returned only without labels or
-        when `return_logits` asks for them."""
+        when `return_logits` asks for them. `segment_ids` [batch, seq]: rows packed with several
+        samples (`ling_data.sft`), each attending only within itself (`packed_causal_mask`)."""
         x = self.model.word_embeddings(input_ids)
+        attention_mask = None if segment_ids is None else packed_causal_mask(segment_ids)
         routings = []
         for layer in self.model.layers:
-            x, routing = layer(x)
+            x, routing = layer(x, attention_mask)
             if routing is not None:
                 routings.append(routing)
         x = self.model.norm(x)
