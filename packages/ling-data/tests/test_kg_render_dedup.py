@@ -161,3 +161,23 @@ def test_dedup_catches_reordered_questions_but_not_other_entities() -> None:
 def test_countries_read_naturally_in_questions(country: str, mid_sentence: str) -> None:
     assert mention(country) == mid_sentence
     assert sentence(f"{mention(country)} lies on which continent?")[0].isupper()
+
+
+def test_the_signature_tool_list_names_every_tool_and_argument() -> None:
+    """One line per tool, with every argument and its type or enum, at a fraction of the JSON."""
+    from ling_data.kg import build_graph
+    from ling_data.kg.render import signature
+    from ling_data.kg.tools import tool_definitions
+    tools = tool_definitions(build_graph())
+    lines = system_prompt(tools, "signatures").removesuffix("<|im_end|>\n").split("\n")[2:]
+    assert len(lines) == len(tools)
+    for line, tool in zip(lines, tools):
+        function = tool["function"]
+        assert line == signature(tool)
+        assert line.startswith(function["name"] + "(") and function["description"] in line
+        assert all(f"{arg}: " in line for arg in function["parameters"]["properties"])
+    argmax = next(t for t in tools if t["function"]["name"] == "argmax")
+    assert signature(argmax).startswith('argmax(countries: list of string, attribute: "area" | "population"): ')
+    assert len(system_prompt(tools, "signatures")) < len(system_prompt(tools)) / 3  # 1.4K vs 5.2K characters
+    with pytest.raises(ValueError, match="unknown tool list 'xml'"):
+        system_prompt(tools, "xml")

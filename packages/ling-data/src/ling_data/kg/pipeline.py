@@ -21,7 +21,7 @@ from ling_data.kg.facts import build_graph, currency_names
 from ling_data.kg.generate import Draft, draw_all
 from ling_data.kg.graph import ENTITY_TYPES, Entity, KnowledgeGraph
 from ling_data.kg.patterns import PATTERNS, PATTERNS_BY_NAME
-from ling_data.kg.render import FORMATS, compact_turns, render, system_prompt
+from ling_data.kg.render import FORMATS, TOOL_LISTS, compact_turns, render, system_prompt
 from ling_data.kg.split import HELD_OUT_TYPES, EntitySplit, hold_out
 from ling_data.kg.tools import Executor, tool_definitions
 from ling_data.kg.verify import check_chain
@@ -38,6 +38,7 @@ class SynthesisConfig:
     dedup_threshold: float = 0.9
     patterns: tuple[str, ...] = tuple(p.name for p in PATTERNS)
     cities_per_country: int = 3
+    tool_list: str = "json"  # how the system prompt lists the tools: render.TOOL_LISTS
 
     def __post_init__(self) -> None:
         if self.samples_per_pattern < 1:
@@ -55,6 +56,8 @@ class SynthesisConfig:
             )
         if self.cities_per_country < 1:
             raise ValueError(f"cities per country must be >= 1, got {self.cities_per_country}")
+        if self.tool_list not in TOOL_LISTS:
+            raise ValueError(f"tool list must be one of {TOOL_LISTS}, got {self.tool_list!r}")
 
 
 @dataclass
@@ -81,7 +84,7 @@ def synthesize(config: SynthesisConfig, graph: KnowledgeGraph | None = None) -> 
     verified, rejections = _verify(drafts, executor, counts)
     kept = _drop_near_duplicates(verified, config.dedup_threshold, counts)
     split = hold_out(graph, config.test_fraction, config.seed)
-    rows = _render_rows(kept, split, system_prompt(tools), config, counts)
+    rows = _render_rows(kept, split, system_prompt(tools, config.tool_list), config, counts)
 
     names = currency_names()
     eval_mc = multiple_choice(graph, split, config.seed)

@@ -51,9 +51,38 @@ def _turn(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
-def system_prompt(tools: list[dict]) -> str:
-    compact = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
-    return _turn("system", f"You can call these tools:\n{compact}")
+TOOL_LISTS = ("json", "signatures")
+
+
+def system_prompt(tools: list[dict], tool_list: str = "json") -> str:
+    """The system turn listing the tools: their JSON schemas as written to tools.json ("json",
+    ~5.3K characters, ~1,750 tokens of the default tokenizer), or one signature line per tool
+    ("signatures", ~1.4K characters, ~500 tokens), short enough for a small model's context on a CPU."""
+    if tool_list == "json":
+        listing = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    elif tool_list == "signatures":
+        listing = "\n".join(signature(tool) for tool in tools)
+    else:
+        raise ValueError(f"unknown tool list {tool_list!r}; expected one of {TOOL_LISTS}")
+    return _turn("system", f"You can call these tools:\n{listing}")
+
+
+def signature(tool: dict) -> str:
+    """`name(arg: type, ...): description` of an OpenAI-style function schema."""
+    function = tool["function"]
+    parameters = function["parameters"]
+    required = set(parameters.get("required", ()))
+    args = ", ".join(f"{name}{'' if name in required else '?'}: {_type_name(schema)}"
+                     for name, schema in parameters["properties"].items())
+    return f"{function['name']}({args}): {function['description']}"
+
+
+def _type_name(schema: dict) -> str:
+    if "enum" in schema:
+        return " | ".join(dumps(value) for value in schema["enum"])
+    if schema.get("type") == "array":
+        return f"list of {_type_name(schema.get('items', {}))}"
+    return str(schema.get("type", "any"))
 
 
 def render(
