@@ -155,3 +155,30 @@ def test_kg_samples_read_and_encode(tmp_path, chat_tokenizer):
     for sample, enc in zip(samples, encoded):
         assert chat_tokenizer.decode(list(enc.ids)) == sample.text
         assert sum(enc.loss_mask) < len(enc.ids) / 2  # the tool list dominates, and is masked
+
+
+def _packed(count=20, seq_len=16):
+    samples = [_encoded([i + 1] * (3 + i % 5), [0, 1, 1] + [1] * (i % 5), f"s{i}") for i in range(count)]
+    return pack_samples(samples, seq_len, pad_id=0)
+
+
+def test_sft_loader_resumes_exactly_and_gives_ranks_disjoint_rows():
+    from ling_data.sft import SFTLoader
+    rows = _packed()
+    loader = SFTLoader(rows, batch_size=2, seed=3)
+    first = [loader.next_batch() for _ in range(3)]
+    state = loader.state_dict()
+    after = [loader.next_batch() for _ in range(len(rows))]  # across an epoch boundary
+    resumed = SFTLoader(rows, batch_size=2, seed=3)
+    resumed.load_state_dict(state)
+    for want, got in zip(after, (resumed.next_batch() for _ in after)):
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+    input_ids, labels, segment_ids = first[0]
+    assert input_ids.shape == labels.shape == segment_ids.shape == (2, 16)
+    ranks = [SFTLoader(rows, batch_sizes=[2, 1], seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = [[tuple(row.tolist()) for row in ranks[r].next_batch()[0]] for r in range(2)]
+    assert len(seen[0]) == 2 and len(seen[1]) == 1 and not set(seen[0]) & set(seen[1])
+    with pytest.raises(ValueError, match="sft_seq_len=16 but this loader has sft_seq_len=32"):
+        SFTLoader(_packed(seq_len=32), batch_size=2, seed=3).load_state_dict(state)
+    with pytest.raises(DataError, match="too few for a global batch of 64 rows"):
+        SFTLoader(rows, batch_size=64)

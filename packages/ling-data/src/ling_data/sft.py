@@ -202,3 +202,48 @@ def pack_samples(samples: Iterable[EncodedSample], seq_len: int, pad_id: int) ->
             context += n - trained
     padding = len(rows) * seq_len - target - context
     return PackedRows(input_ids, labels, position_ids, segment_ids, target, context, padding)
+
+
+class SFTLoader:
+    """Serve ``(input_ids, labels, segment_ids)`` batches of packed SFT rows, forever.
+
+    The rows are fixed once packed; what changes per epoch is their order. That is exactly what
+    :class:`~ling_data.packing.PackedLoader` does for windows of a token stream, so the row
+    order comes from one over the stream ``0, 1, ..., len(rows)`` with ``seq_len=1`` (window
+    ``i`` is row ``i``): the seeded per-epoch permutation, the per-rank slices of a global batch
+    (``batch_sizes`` included), ``state_dict`` and its checks, and ling-train's remapping of a
+    position saved at another world size all carry over unchanged.
+    """
+
+    def __init__(self, rows: PackedRows, batch_size: int | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, batch_sizes: Sequence[int] | None = None) -> None:
+        from ling_data.packing import PackedLoader
+        self.rows = rows
+        self.seq_len = rows.input_ids.shape[1]
+        try:
+            self.order = PackedLoader(torch.arange(len(rows) + 1), seq_len=1, batch_size=batch_size, seed=seed,
+                                      rank=rank, world_size=world_size, batch_sizes=batch_sizes)
+        except DataError:
+            raise DataError(f"{len(rows)} packed rows of {self.seq_len} tokens are too few for a global batch of "
+                            f"{sum(batch_sizes) if batch_sizes else batch_size * world_size} rows; use more "
+                            f"samples or a smaller batch_size") from None
+
+    def __getattr__(self, name: str):  # epoch, position, batch_sizes, batches_per_epoch, world_size, ...
+        if name in ("rows", "seq_len", "order"):
+            raise AttributeError(name)
+        return getattr(self.order, name)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, _ = self.order.next_batch()
+        index = index[:, 0]
+        return self.rows.input_ids[index], self.rows.labels[index], self.rows.segment_ids[index]
+
+    def state_dict(self) -> dict:
+        return {**self.order.state_dict(), "sft_rows": len(self.rows), "sft_seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in (("sft_seq_len", self.seq_len), ("sft_rows", len(self.rows))):
+            if key in state and state[key] != value:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {key}={value!r}; "
+                                 "resuming would serve different batches")
+        self.order.load_state_dict({k: v for k, v in state.items() if not k.startswith("sft_")})
