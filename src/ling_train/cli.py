@@ -27,6 +27,7 @@ examples:
   ling-train --resume runs/quick/checkpoints/step-20 --out runs/branch
   ling-train --steps 200 --eval-every 50      # score the built-in eval tasks into metrics.jsonl
   ling-train align --a cpu:fp32 --b cpu:bf16 --out align/   # per-module numerical alignment
+  ling-train sft --init runs/quick --data data/kg --seq-len 1024 --batch-size 4   # fine-tune on tool use
   ling-train --nproc 2 --dist ddp             # 2 processes (torchrun; gloo on CPU), data parallel
   ling-train --nproc 4 --dist edit --sync-every 8 --outer-lr 0.7 --outer-momentum 0.9
   ling-train --nproc 2 --dist aedit --sync-seconds 2   # sync by wall time: slow ranks never wait
@@ -55,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                         "e.g. 8,2 for a GPU and a CPU process (the sync weights each by its tokens)")
     p.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="ling-train sft: the HF-layout checkpoint (step-N dir or run dir) to fine-tune; its weights, "
+                        "model shape and tokenizer are used, the optimizer starts fresh")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (a step-N dir or a run dir); alone: from --out's latest")
     p.add_argument("--eval-every", type=int, dest="eval_every", metavar="N",
@@ -98,7 +102,7 @@ def build_config(args: argparse.Namespace):
 
     import tomllib
 
-    flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed",
+    flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed", "init", "task",
                                            "batch_size", "seq_len", "lr", "eval_every", "dist", "sync_every",
                                            "sync_seconds", "outer_lr", "outer_momentum", "expert_parallel",
                                            "snapshot_every", "keep_snapshots")}
@@ -143,8 +147,14 @@ def build_config(args: argparse.Namespace):
             from ling_train.anomaly.config import check_workers
             check_workers(config.anomaly_config(args.config or "flags"), config.dist, args.nproc,
                           args.config or "flags")
+    if config.task == "sft":
+        from ling_train import sft
+        sft.sample_file(config.data)  # one line now, not after the model is built
+        if resume_from is None:  # the init checkpoint's shape; a resumed run's config already holds it
+            config.model = {**sft.model_fields(config.init), **config.model}
+            config.validate(args.config or "flags")
     if not config.out:
-        config.out = default_out(config.size)
+        config.out = default_out(config.size if config.task == "pretrain" else f"{config.size}-{config.task}")
     return config, resume_from
 
 
@@ -153,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["align"]:  # `ling-train align ...`: numerical alignment of two settings
         from ling_train.align_cli import main as align_main
         return align_main(argv[1:])
+    task = None
+    if argv[:1] == ["sft"]:  # `ling-train sft --init CKPT --data KG_DIR ...`: the same run, task = "sft"
+        task, argv = "sft", argv[1:]
     args = parser().parse_args(argv)
+    args.task = task
     from ling_train.launch import failed_on_bad_input_before
     if failed_on_bad_input_before():  # a --max-restarts restart after exit 2: the launcher prints that line
         return 2
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, resume_from = build_config(args)
         if args.nproc is not None and not args.dry_run and "RANK" not in os.environ:
-            return relaunch(argv if argv is not None else sys.argv[1:], args.nproc, args.max_restarts or 0)
+            return relaunch(([task] if task else []) + argv, args.nproc, args.max_restarts or 0)
         if args.dry_run:
             from ling_train.dry_run import dry_run_report
             print(dry_run_report(config.size, config.model_config(), config.seq_len, config.batch_size))

@@ -60,6 +60,9 @@ class RunConfig:
     outer_lr: float = 0.7  # Local SGD outer SGD learning rate
     outer_momentum: float = 0.9  # Local SGD outer Nesterov momentum (0: plain SGD)
     expert_parallel: int = 0  # ddp/fsdp: split experts over groups of this many ranks (0: off)
+    # Post-training (ling_train.sft): task "sft" fine-tunes the `init` checkpoint on chat samples
+    task: str = "pretrain"  # pretrain, or sft (data: a `ling-data kg` directory or JSONL file)
+    init: str = ""  # sft: the HF-layout checkpoint (step-N dir or run dir) whose weights it starts from
     model: dict[str, Any] = field(default_factory=dict)  # LingConfig overrides
     anomaly: dict[str, Any] | None = None  # [anomaly] table (even empty: defaults); None = off
 
@@ -78,6 +81,8 @@ class RunConfig:
             raise RunConfigError(f"{source}: eval_tasks: expected a list of task files or built-in names")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
+        if self.task not in ("pretrain", "sft"):
+            raise RunConfigError(f"{source}: task: expected pretrain or sft, got {self.task!r}")
         validate_dist(self, source)
         validate_batch_size(self, source)
         validate_snapshots(self, source)

@@ -16,11 +16,12 @@ from ling_core import CheckpointError, build_model, flops_per_token, load_weight
 from ling_core.hf_io import write_text_atomic
 from ling_data import PackedLoader, TokenLoader, cached_tokenizer, embedded_corpus, pack_documents, read_text_documents
 from ling_data import DataError, is_shard_dir, load_manifest
+from ling_data.tokenizer import CHAT_TEMPLATE_SYMBOLS
 from ling_train import checkpoint as ckpt
 from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
 from ling_train.eval_callback import EvalCallback, load_eval_tasks, scored_weights
 from ling_train.config import RunConfig, RunConfigError
-from ling_train import dist_checkpoint, snapshots
+from ling_train import dist_checkpoint, sft, snapshots
 from ling_train import distributed as dist_run
 from ling_train.perf import measure_matmul_flops
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
@@ -88,7 +89,9 @@ def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: in
         raise DataError(f"--data: {config.data} does not exist (expected a file or directory of .txt/.jsonl documents)")
     documents = read_text_documents(config.data) if config.data else embedded_corpus()
     try:
-        tokenizer = cached_tokenizer(documents, vocab_size=vocab_size)
+        # the chat/tool-call symbols get their ids now, so SFT on ling-data kg samples
+        # (`ling_data.sft`) can start from this run's checkpoint with the same tokenizer
+        tokenizer = cached_tokenizer(documents, vocab_size=vocab_size, user_defined_symbols=CHAT_TEMPLATE_SYMBOLS)
     except ValueError as e:  # sentencepiece: too little text for the vocabulary, etc.
         source = f"--data {config.data}" if config.data else "embedded corpus"
         raise DataError(f"{source}: cannot train a {vocab_size}-token tokenizer on it "
@@ -104,6 +107,20 @@ def build_data(config: RunConfig, vocab_size: int, rank: int = 0, world_size: in
         return {"documents": loader.batch_documents(position["epoch"], position["position"], eos_id)}
 
     return Data(loader, tokenizer.model_path, int(stream.numel()), len(documents), describe_batch)
+
+
+def build_sft_data(config: RunConfig, rank: int, world_size: int, resume_from: Path | None):
+    """Packed chat samples (`ling_train.sft`), tokenized with the init run's tokenizer (a resumed
+    run's own copy of it when there is one)."""
+    run_dir = resume_from.parent.parent if resume_from is not None else None
+    tokenizer_path = sft.tokenizer_path(config.init, run_dir)
+    tokenizer = sft.load_chat_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > config.model_config().vocab_size:
+        raise DataError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                        f"{config.model_config().vocab_size}")
+    loader, counts = sft.build_loader(config, tokenizer, rank, world_size)
+    tokens = counts["target_tokens"] + counts["context_tokens"]
+    return Data(loader, tokenizer_path, tokens, counts["samples"]), counts
 
 
 def check_out_dir(out: Path, resuming: bool) -> None:
@@ -149,12 +166,18 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     torch.manual_seed(config.seed)
     if setup.rank:
         dist_run.barrier()  # rank 0 trains and caches the tokenizer first
-    data = build_data(config, model_config.vocab_size, setup.rank, setup.world_size)
+    sft_counts = None
+    if config.task == "sft":
+        data, sft_counts = build_sft_data(config, setup.rank, setup.world_size, resume_from)
+    else:
+        data = build_data(config, model_config.vocab_size, setup.rank, setup.world_size)
     if setup.rank == 0:
         dist_run.barrier()
     model = build_model(model_config, device=device, seed=config.seed)
     if resume_from is not None and not from_snapshot:
         load_weights(model, resume_from)
+    elif resume_from is None and config.task == "sft":  # weights only: optimizer and schedule start fresh
+        load_weights(model, sft.init_checkpoint(config.init))
     trained = dist_run.wrap_model(setup, model)
 
     decay, no_decay = [], []
@@ -235,8 +258,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         trainer.fit()
         return {}
     write_text_atomic(out / "config.toml", run_toml)
-    if data.tokenizer_path is not None:
-        shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")
+    if data.tokenizer_path is not None and data.tokenizer_path.resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")  # (a resumed SFT run reads its own copy)
     log.info("model %s on %s (%s), %d tokens in %d documents, peak matmul %.1f GFLOP/s, --dist %s on %d "
              "process(es)", config.size, device, autocast_dtype or "fp32", data.tokens, data.documents, peak / 1e9,
              config.dist, setup.world_size)
@@ -271,6 +294,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     }
     if setup.local_sgd is not None:
         summary.update(syncs=setup.local_sgd.syncs, bytes_communicated=setup.local_sgd.bytes_communicated)
+    if sft_counts is not None:  # what one epoch holds, and what this run's steps trained on
+        summary["sft"] = {**sft_counts, "target_tokens_trained": sum(r.get("target_tokens", 0) for r in steps)}
     if evals:
         summary["eval"] = evals[-1]
     if anomaly is not None:

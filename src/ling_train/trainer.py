@@ -40,8 +40,12 @@ class Callback:
         a background copy of that state (a flash snapshot) can finish reading it first."""
 
 
+IGNORE_INDEX = -100  # a label that carries no loss (ling-kernels' cross-entropy skips it)
+
+
 class Loader(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(input_ids, labels) or, for packed SFT rows, (input_ids, labels, segment_ids)."""
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -75,7 +79,7 @@ class TrainerSettings:
 
 
 class Trainer:
-    """Trains `model` whose forward(input_ids, labels) returns an object with `.loss` (and
+    """Trains `model` whose forward(input_ids, labels[, segment_ids=...]) returns an object with `.loss` (and
     optionally `.lm_loss`, `.balance_loss`, `.router_z_loss`, `.tokens_per_expert`)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -101,11 +105,10 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         self.model.train()
         start = time.perf_counter()
-        input_ids, labels = self.loader.next_batch()
-        input_ids = input_ids.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        input_ids, labels, *extra = (part.to(self.device, non_blocking=True) for part in self.loader.next_batch())
+        packed = {"segment_ids": extra[0]} if extra else {}  # SFT rows: several samples per row
         with self.autocast():
-            out = self.model(input_ids, labels)
+            out = self.model(input_ids, labels, **packed)
         out.loss.backward()
         clip = self.settings.grad_clip if self.settings.grad_clip > 0 else float("inf")
         grad_norm = self.settings.clip_gradients(self.model, clip)
@@ -113,6 +116,8 @@ class Trainer:
         metrics: dict[str, Any] = {"loss": out.loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
                                    "grad_norm": grad_norm.item(),
                                    "tokens": input_ids.numel()}
+        if packed:  # what the loss is computed on; the rest (prompts, tool results, padding) is context
+            metrics["target_tokens"] = int((labels != IGNORE_INDEX).sum().item())
         for name in ("lm_loss", "balance_loss", "router_z_loss"):
             value = getattr(out, name, None)
             if value is not None:

@@ -27,27 +27,29 @@ class AnomalyLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
         self.skipped: set[int] = set()
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # re-injected (input_ids, labels) rows
+        # re-injected rows: one tensor per part of a batch ((input_ids, labels), plus segment_ids for SFT)
+        self.pending: list[tuple[torch.Tensor, ...]] = []
         self.last_index = -1
         self.last_position: dict[str, int] = {}
-        self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_batch: tuple[torch.Tensor, ...] | None = None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """The inner loader's next batch not skipped, with up to `rows_per_batch` re-injected rows;
+        a batch is a tuple of [rows, ...] tensors, row i of each part belonging together."""
         while True:
             position = loader_position(self.inner)
-            input_ids, labels = self.inner.next_batch()
+            batch = tuple(self.inner.next_batch())
             index = self.batches_drawn
             self.batches_drawn += 1
             if index not in self.skipped:
                 break
         self.last_index, self.last_position = index, position
-        self.last_batch = (input_ids, labels)
+        self.last_batch = batch
         for _ in range(min(self.rows_per_batch, len(self.pending))):
-            ids_row, labels_row = self.pending.pop(0)
-            at = int(torch.randint(input_ids.shape[0] + 1, (1,), generator=self.generator))
-            input_ids = torch.cat([input_ids[:at], ids_row[None], input_ids[at:]])
-            labels = torch.cat([labels[:at], labels_row[None], labels[at:]])
-        return input_ids, labels
+            rows = self.pending.pop(0)
+            at = int(torch.randint(batch[0].shape[0] + 1, (1,), generator=self.generator))
+            batch = tuple(torch.cat([part[:at], row[None], part[at:]]) for part, row in zip(batch, rows))
+        return batch
 
     def batch_info(self) -> dict[str, Any]:
         """The identity of the last batch drawn, for event rows (its own rows, not re-injected ones)."""
@@ -55,9 +57,8 @@ class AnomalyLoader:
 
     def reinject_last(self) -> int:
         """Queue the last batch's own sequences (not rows re-injected into it) for later batches."""
-        input_ids, labels = self.last_batch
-        self.pending.extend(zip(input_ids.unbind(0), labels.unbind(0)))
-        return input_ids.shape[0]
+        self.pending.extend(zip(*(part.unbind(0) for part in self.last_batch)))
+        return self.last_batch[0].shape[0]
 
     def skip(self, indices) -> None:
         self.skipped.update(indices)
@@ -65,7 +66,7 @@ class AnomalyLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "batches_drawn": self.batches_drawn,
                 "skipped": sorted(self.skipped), "generator": self.generator.get_state(),
-                "pending": [(a.clone(), b.clone()) for a, b in self.pending]}
+                "pending": [tuple(part.clone() for part in rows) for rows in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; the skip set is merged, never shrunk, so a rollback to an earlier
@@ -77,7 +78,7 @@ class AnomalyLoader:
         self.batches_drawn = state["batches_drawn"]
         self.skipped.update(state["skipped"])
         self.generator.set_state(state["generator"])
-        self.pending = [(a.clone(), b.clone()) for a, b in state["pending"]]
+        self.pending = [tuple(part.clone() for part in rows) for rows in state["pending"]]
 
 
 def identify(position: dict[str, Any], describe: Callable[[dict[str, int]], dict[str, Any]] | None) -> dict[str, Any]:
