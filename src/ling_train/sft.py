@@ -88,7 +88,7 @@ def build_loader(config, tokenizer: Tokenizer, rank: int, world_size: int):
     """(SFTLoader, counts): samples read, encoded, shuffled by the seed and packed once."""
     from ling_data.sft import SFTLoader, encode_samples, pack_samples, read_chat_samples
     samples = list(read_chat_samples(sample_file(config.data)))
-    encoded = encode_samples(tokenizer, samples)
+    encoded = encode_samples(tokenizer, samples, start_ids=(tokenizer.eos_id,))  # as ling-eval's prompts
     random.Random(config.seed).shuffle(encoded)  # packing order; the loader reshuffles rows per epoch
     rows = pack_samples(encoded, config.seq_len, tokenizer.pad_id)
     counts = {"samples": len(samples), "rows": len(rows), "target_tokens": rows.target_tokens,

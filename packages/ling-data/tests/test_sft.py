@@ -79,6 +79,8 @@ def test_loss_mask_matches_a_per_character_reference(chat_tokenizer, sample):
     target_text = chat_tokenizer.decode([t for t, m in zip(encoded.ids, encoded.loss_mask) if m])
     assert "<tool_response>" not in target_text and "<|im_start|>" not in target_text
     assert target_text.endswith("<|im_end|>")
+    (opened,) = encode_samples(chat_tokenizer, [sample], start_ids=(chat_tokenizer.eos_id,))
+    assert opened.ids == (chat_tokenizer.eos_id, *encoded.ids) and opened.loss_mask == (False, *encoded.loss_mask)
 
 
 def test_loss_spans_of_a_react_chat_stop_at_the_observation():

@@ -83,15 +83,17 @@ def pieces(sample: ChatSample) -> list[tuple[str, bool]]:
     return [(text, target) for text, target in out if text]
 
 
-def encode_samples(tokenizer, samples: Sequence[ChatSample]) -> list[EncodedSample]:
-    """Token ids and loss masks; every piece of every sample goes through one `encode_batch`."""
+def encode_samples(tokenizer, samples: Sequence[ChatSample], start_ids: Sequence[int] = ()) -> list[EncodedSample]:
+    """Token ids and loss masks; every piece of every sample goes through one `encode_batch`.
+    `start_ids` open every sample, as context (ling-train passes EOS: pretraining documents and
+    ling-eval's prompts both follow an EOS)."""
     cut = [pieces(sample) for sample in samples]
     flat = [text for sample_pieces in cut for text, _ in sample_pieces]
     encoded = iter(tokenizer.encode_batch(flat))
     out = []
     for sample, sample_pieces in zip(samples, cut):
-        ids: list[int] = []
-        mask: list[bool] = []
+        ids: list[int] = list(start_ids)
+        mask: list[bool] = [False] * len(ids)
         for _, target in sample_pieces:
             piece_ids = next(encoded)
             ids += piece_ids
