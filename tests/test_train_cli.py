@@ -96,7 +96,7 @@ def assert_one_line_error(result, *fragments):
 
 def test_console_script_exit_code_and_single_line():
     """The real process: exit status 2 and one line on stderr, no traceback."""
-    result = subprocess.run([sys.executable, "-m", "ling_train.cli", "--size", "huge"],
+    result = subprocess.run([sys.executable, "-m", "ling_train", "--size", "huge"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -168,8 +168,9 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, small_run_toml, damage
     assert not (tmp_path / "next").exists()  # a failed start leaves no empty run directory behind
 
 
-def test_help_has_examples():
-    result = subprocess.run([sys.executable, "-m", "ling_train.cli", "--help"], capture_output=True,
+def test_python_m_ling_train_runs_and_help_has_examples():
+    """`python -m ling_train` (what torchrun users type: `torchrun ... -m ling_train`) is the CLI."""
+    result = subprocess.run([sys.executable, "-m", "ling_train", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "examples:" in result.stdout and "--dry-run" in result.stdout
 

@@ -39,9 +39,9 @@ def write_config(tmp_path: Path, name: str = "tiny.toml", lr: float = 0.003, ext
 
 
 def launch(*args: str) -> subprocess.Popen:
-    """`ling-train --nproc 2 ...` as a user would type it (the console script is `ling_train.cli:main`)."""
+    """`ling-train --nproc 2 ...` as a user would type it (`python -m ling_train`, as the console script)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ling_train.cli", "--nproc", "2", "--no-progress", *args],
+    return subprocess.Popen([sys.executable, "-m", "ling_train", "--nproc", "2", "--no-progress", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

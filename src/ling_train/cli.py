@@ -32,9 +32,9 @@ examples:
   ling-train --nproc 4 --dist edit --sync-every 8 --outer-lr 0.7 --outer-momentum 0.9
   ling-train --nproc 2 --dist aedit --sync-seconds 2   # sync by wall time: slow ranks never wait
   ling-train --nproc 2 --dist diloco --device mixed --batch-size 8,2   # 8 sequences/step on the GPU, 2 on the CPU
-  torchrun --nproc-per-node 2 -m ling_train.cli --dist diloco   # the same, launched by hand
+  torchrun --nproc-per-node 2 -m ling_train --dist diloco   # the same, launched by hand
   ling-train --nproc 2 --dist ddp --snapshot-every 10 --max-restarts 3   # survive a killed worker
-  torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train.cli --dist ddp --snapshot-every 10
+  torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train --dist ddp --snapshot-every 10
 """
 
 
@@ -238,7 +238,7 @@ def relaunch(argv: list[str], nproc: int, max_restarts: int = 0) -> int:
         elif not arg.startswith(("--nproc=", "--max-restarts=")):
             rest.append(arg)
     command = [sys.executable, "-m", "ling_train.launch", "--standalone", f"--nproc-per-node={nproc}",
-               f"--max-restarts={max_restarts}", "-m", "ling_train.cli", *rest]
+               f"--max-restarts={max_restarts}", "-m", "ling_train", *rest]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, env=env).returncode
 
