@@ -183,6 +183,11 @@ def test_default_run_tiny_preset_on_embedded_corpus(tmp_path, capsys):
     assert summary["device"] == "cpu" and summary["steps"] == 6
     assert summary["final_loss"] < summary["first_loss"]
     assert from_pretrained(out / "checkpoints" / "step-6").config.num_experts == 16
+    # MFU: the steps' total FLOPs over their total time over a peak that is the best rate seen
+    steps = step_rows(out)
+    flops_over_peak = sum(r["tokens"] for r in steps) * steps[0]["mfu"] / steps[0]["tokens_per_s"]
+    assert summary["mfu"] == pytest.approx(flops_over_peak / sum(r["step_time_s"] for r in steps), rel=1e-9)
+    assert 0 < summary["mfu"] <= 1 and summary["peak_matmul_flops"] >= summary["matmul_flops_measured_now"]
 
 
 def test_trains_from_own_documents_and_bf16_autocast(tmp_path, small_run_toml):

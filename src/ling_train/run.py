@@ -23,7 +23,7 @@ from ling_train.eval_callback import EvalCallback, load_eval_tasks, scored_weigh
 from ling_train.config import RunConfig, RunConfigError
 from ling_train import dist_checkpoint, sft, snapshots
 from ling_train import distributed as dist_run
-from ling_train.perf import measure_matmul_flops
+from ling_train.perf import device_name, matmul_peak, run_mfu, spec_bf16_peak
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
 
 log = logging.getLogger("ling_train")
@@ -193,9 +193,9 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     stepped = dist_run.wrap_optimizer(setup, config, model, optimizer)
 
-    peak = measure_matmul_flops(device, autocast_dtype or torch.float32)
+    peak = matmul_peak(device, autocast_dtype or torch.float32)
     fpt = flops_per_token(model_config, config.seq_len)
-    metrics = (MetricsLogger if setup.is_main else dist_run.SilentMetrics)(out / "metrics.jsonl", fpt, peak,
+    metrics = (MetricsLogger if setup.is_main else dist_run.SilentMetrics)(out / "metrics.jsonl", fpt, peak.flops,
                                                                              config.log_every)
     run_toml = config.to_toml()
     max_shard_bytes = int(config.max_shard_gb * 1024**3)
@@ -260,9 +260,9 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     write_text_atomic(out / "config.toml", run_toml)
     if data.tokenizer_path is not None and data.tokenizer_path.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")  # (a resumed SFT run reads its own copy)
-    log.info("model %s on %s (%s), %d tokens in %d documents, peak matmul %.1f GFLOP/s, --dist %s on %d "
-             "process(es)", config.size, device, autocast_dtype or "fp32", data.tokens, data.documents, peak / 1e9,
-             config.dist, setup.world_size)
+    log.info("model %s on %s (%s), %d tokens in %d documents, peak matmul %.1f GFLOP/s (%s; %.1f now), "
+             "--dist %s on %d process(es)", config.size, device, autocast_dtype or "fp32", data.tokens,
+             data.documents, peak.flops / 1e9, peak.source, peak.measured_now / 1e9, config.dist, setup.world_size)
     start_step = trainer.step
     if snapshots.restart_attempt():
         metrics.write(snapshots.restart_event(source, start_step, setup.world_size))
@@ -287,11 +287,15 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
         "first_loss": steps[0]["lm_loss"] if steps else None,
         "final_loss": steps[-1]["lm_loss"] if steps else None,
         "tokens_per_s": sum(r["tokens"] for r in steps) / max(sum(r["step_time_s"] for r in steps), 1e-9),
-        "mfu": sum(r["mfu"] for r in steps) / max(len(steps), 1),
-        "peak_matmul_flops": peak, "wall_time_s": timer.elapsed(),
+        "mfu": run_mfu(steps, fpt, peak.flops),
+        "peak_matmul_flops": peak.flops, "peak_matmul_source": peak.source,
+        "matmul_flops_measured_now": peak.measured_now, "wall_time_s": timer.elapsed(),
         "checkpoint": str(ckpt.latest_checkpoint(out / "checkpoints")),
         "dist": config.dist, "world_size": setup.world_size,
     }
+    spec_peak = spec_bf16_peak(device_name(device)) if device.type == "cuda" else None
+    if spec_peak is not None:  # as torchtitan reports it, to compare across frameworks
+        summary["mfu_spec_bf16"] = run_mfu(steps, fpt, spec_peak)
     if setup.local_sgd is not None:
         summary.update(syncs=setup.local_sgd.syncs, bytes_communicated=setup.local_sgd.bytes_communicated)
     if sft_counts is not None:  # what one epoch holds, and what this run's steps trained on
