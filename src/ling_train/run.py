@@ -149,6 +149,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     device = resolve_device(config.device)
     setup = dist_run.init_process_group(config, device)
     device = setup.device
+    snapshots.agree_restart_attempt(device)  # one answer for the job, whichever node restarted
     autocast_dtype = resolve_autocast(config.precision, device)
     model_config = config.model_config()
 

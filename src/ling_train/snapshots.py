@@ -57,9 +57,33 @@ LATEST = "latest"
 KILL_AT_STEP_ENV, KILL_RANK_ENV = "LING_TEST_KILL_AT_STEP", "LING_TEST_KILL_RANK"
 
 
+_agreed_restart_attempt: int | None = None
+
+
 def restart_attempt() -> int:
-    """0 on the first attempt, n on torchrun's n-th restart of the workers."""
+    """0 on the first attempt, n > 0 once torchrun has restarted the workers: as the job's ranks
+    agreed (`agree_restart_attempt`), else this process's TORCHELASTIC_RESTART_COUNT."""
+    if _agreed_restart_attempt is not None:
+        return _agreed_restart_attempt
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def agree_restart_attempt(device: torch.device) -> int:
+    """The job's restart attempt: the largest TORCHELASTIC_RESTART_COUNT of its ranks. Across nodes
+    the counts differ: after a worker fails, its agent restarts its workers with the count raised,
+    and every other agent restarts its own (a membership change, not a failure) with the count
+    unchanged. Taken alone, those ranks would start the run afresh while the others resume it.
+    Called once, right after the process group is joined (a process alone keeps its own count)."""
+    global _agreed_restart_attempt
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if dist.is_available() and dist.is_initialized():
+        count = torch.tensor([attempt], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        attempt = int(count.item())
+    _agreed_restart_attempt = attempt
+    return attempt
 
 
 def is_snapshot(path: Path | None) -> bool:
