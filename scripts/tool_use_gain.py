@@ -1,0 +1,144 @@
+"""Tool use before and after post-training, on the KG data's entity-held-out test split.
+
+    uv run python scripts/tool_use_gain.py --work runs/tool-use            # every stage, resumable
+    uv run python scripts/tool_use_gain.py --work runs/tool-use --episodes 300 --sft-steps 600
+
+Stages (each skipped when its output exists, so an interrupted run continues):
+1. pretrain: `uv run ling-train --out WORK/pretrain` (the default run: tiny preset, 300 steps);
+2. data: `python -m ling_data.kg --out WORK/kg --tool-list signatures`;
+3. sft: `ling-train sft --init WORK/pretrain --data WORK/kg ...`, a checkpoint every
+   --eval-every steps (WORK/sft.toml holds its settings);
+4. eval: free-running tool use (`ling_eval.agent`, calls executed on the KG) of the base model
+   and of every SFT checkpoint on the same --episodes test samples (a fixed, seeded draw);
+   WORK/gain.json holds every score with its 95% bootstrap interval, WORK/gain.md the table,
+   WORK/plots/tool_use_vs_sft_steps.png the curve.
+Timings of each stage go to WORK/gain.json as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRICS = ("exact_sequence", "tool_name", "arguments", "final_answer", "json_valid")
+
+
+def run(command: list[str]) -> float:
+    print("+", " ".join(command), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - start
+
+
+def stage_commands(args) -> dict[str, list[str]]:
+    work = args.work
+    sft_toml = work / "sft.toml"
+    sft_toml.write_text(f"steps = {args.sft_steps}\nseq_len = {args.seq_len}\nbatch_size = {args.batch_size}\n"
+                        f"lr = {args.lr}\nwarmup_steps = {args.sft_steps // 20}\n"
+                        f"checkpoint_every = {args.eval_every}\nseed = {args.seed}\n")
+    return {
+        "pretrain": [sys.executable, "-m", "ling_train", "--out", str(work / "pretrain"), "--no-progress"],
+        "data": [sys.executable, "-m", "ling_data.kg", "--out", str(work / "kg"), "--tool-list", "signatures"],
+        "sft": [sys.executable, "-m", "ling_train", "sft", "--init", str(work / "pretrain"), "--data", str(work / "kg"),
+                "--config", str(sft_toml), "--out", str(work / "sft"), "--no-progress"],
+    }
+
+
+def evaluate(checkpoint: Path, items: list[dict], executor, progress: bool) -> dict:
+    from ling_eval.agent import evaluate_agent
+    from ling_train.eval_model import load_checkpoint
+    model, tokenizer = load_checkpoint(checkpoint)
+    start = time.perf_counter()
+    result = evaluate_agent(model, tokenizer, items, executor.call, progress=progress)
+    return {"checkpoint": str(checkpoint), "seconds": time.perf_counter() - start, "groups": result.groups}
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, result in results.items():
+        cells = []
+        for metric in METRICS:
+            value = result["groups"]["all"].get(metric)
+            cells.append("n/a" if value is None else f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curve: list[tuple[int, dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [step for step, _ in curve]
+    for metric in METRICS:
+        points = [groups["all"].get(metric) for _, groups in curve]
+        if any(p is None for p in points):
+            continue
+        ax.plot(steps, [p[0] for p in points], marker="o", label=metric)
+        ax.fill_between(steps, [p[1] for p in points], [p[2] for p in points], alpha=0.15)
+    ax.set_xlabel("SFT steps")
+    ax.set_ylabel("held-out score (95% CI)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Tool use on entity-held-out KG questions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/tool-use"))
+    p.add_argument("--episodes", type=int, default=200, help="test samples scored per model (seeded draw)")
+    p.add_argument("--sft-steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=100, help="SFT checkpoint interval = points of the curve")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    report_path = args.work / "gain.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"stages": {}, "eval": {}}
+
+    commands = stage_commands(args)
+    outputs = {"pretrain": args.work / "pretrain" / "summary.json", "data": args.work / "kg" / "test.jsonl",
+               "sft": args.work / "sft" / "summary.json"}
+    for stage, command in commands.items():
+        if not outputs[stage].exists():
+            report["stages"][stage] = {"command": " ".join(command), "seconds": run(command)}
+            report_path.write_text(json.dumps(report, indent=2))
+
+    from ling_data.kg import Executor, build_graph
+    executor = Executor(build_graph())
+    rows = [json.loads(line) for line in (args.work / "kg" / "test.jsonl").read_text().splitlines()]
+    items = random.Random(args.seed).sample(rows, min(args.episodes, len(rows)))
+    from ling_train.checkpoint import latest_checkpoint
+    checkpoints = {"base": latest_checkpoint(args.work / "pretrain" / "checkpoints")}
+    sft_dir = args.work / "sft" / "checkpoints"
+    for step in sorted(int(d.name.split("-")[1]) for d in sft_dir.glob("step-*")):
+        checkpoints[f"sft step {step}"] = sft_dir / f"step-{step}"
+    for name, checkpoint in checkpoints.items():
+        key = f"{name} ({args.episodes} episodes)"
+        if key not in report["eval"]:
+            print(f"evaluating {name}: {checkpoint}", file=sys.stderr, flush=True)
+            report["eval"][key] = evaluate(checkpoint, items, executor, args.progress)
+            report_path.write_text(json.dumps(report, indent=2))
+    results = {key.split(" (")[0]: value for key, value in report["eval"].items()
+               if key.endswith(f"({args.episodes} episodes)")}
+    (args.work / "gain.md").write_text(table(results))
+    curve = [(0, results["base"]["groups"])] + [
+        (int(name.split()[-1]), result["groups"]) for name, result in results.items() if name.startswith("sft")]
+    plot(sorted(curve, key=lambda point: point[0]), args.work / "plots" / "tool_use_vs_sft_steps.png")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
