@@ -167,11 +167,7 @@ def pack_samples(samples: Iterable[EncodedSample], seq_len: int, pad_id: int) ->
     rows: list[list[EncodedSample]] = []
     room: list[int] = []
     for sample in samples:
-        if len(sample.ids) > seq_len:
-            raise DataError(f"{sample.source}: the sample is {len(sample.ids)} tokens, longer than seq_len "
-                            f"{seq_len}; raise seq_len or shorten the sample")
-        if not any(sample.loss_mask[1:]):
-            raise DataError(f"{sample.source}: no token to train on (the answer must follow some context)")
+        _check_fits([sample], seq_len, "sample")
         for index, free in enumerate(room):
             if free >= len(sample.ids):
                 rows[index].append(sample)
@@ -180,6 +176,31 @@ def pack_samples(samples: Iterable[EncodedSample], seq_len: int, pad_id: int) ->
         else:
             rows.append([sample])
             room.append(seq_len - len(sample.ids))
+    return _fill_rows(rows, seq_len, pad_id)
+
+
+def pack_pairs(pairs: Iterable[tuple[EncodedSample, EncodedSample]], seq_len: int, pad_id: int) -> PackedRows:
+    """One row per preference pair: the chosen sample as segment 1, the rejected as segment 2
+    (attention stays inside each), so a batch of rows is a batch of pairs whatever the loader's
+    order. A pair longer than `seq_len` is bad input, as a sample is in `pack_samples`."""
+    rows = [list(pair) for pair in pairs]
+    for row in rows:
+        _check_fits(row, seq_len, "pair (chosen + rejected)")
+    return _fill_rows(rows, seq_len, pad_id)
+
+
+def _check_fits(row: list[EncodedSample], seq_len: int, what: str) -> None:
+    length = sum(len(sample.ids) for sample in row)
+    if length > seq_len:
+        raise DataError(f"{row[0].source}: the {what} is {length} tokens, longer than seq_len {seq_len}; raise "
+                        f"seq_len or shorten the sample")
+    for sample in row:
+        if not any(sample.loss_mask[1:]):
+            raise DataError(f"{sample.source}: no token to train on (the answer must follow some context)")
+
+
+def _fill_rows(rows: list[list[EncodedSample]], seq_len: int, pad_id: int) -> PackedRows:
+    """The tensors of rows of whole samples, each sample its own segment from 1."""
     shape = (len(rows), seq_len)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
