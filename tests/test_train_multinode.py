@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ling_train.distributed import shared_store_restart_warning
+from ling_train.launch import UNSHARED_STORE_ENV
 from ling_train.snapshots import KILL_AT_STEP_ENV, KILL_RANK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make the helpers importable
@@ -30,8 +32,10 @@ def free_port() -> int:
 
 
 def two_node_job(out: Path, config: Path, env: dict[str, str], *args: str) -> dict:
-    """Two torchrun agents (`--nnodes 2`, one worker each) rendezvousing on one port; the summary of
-    whichever worker became rank 0."""
+    """Two torchrun agents (`--nnodes 2`, one worker each) rendezvousing on one port, each with the
+    README's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (with torchrun's shared store a restarted rank could
+    read the killed attempt's gloo addresses: CI failed so once); the summary of whichever worker
+    became rank 0."""
     port = free_port()
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
@@ -39,7 +43,7 @@ def two_node_job(out: Path, config: Path, env: dict[str, str], *args: str) -> di
          "--rdzv-id", out.name, "--max-restarts", "1", "--monitor-interval", "0.2",
          "-m", "ling_train", "--no-progress", "--config", str(config), "--out", str(out), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env}) for node in (0, 1)]
+        env={**os.environ, "OMP_NUM_THREADS": "1", UNSHARED_STORE_ENV: "1", **env}) for node in (0, 1)]
     try:  # ~30 s on 2 cores; ranks that disagree on resuming wait on each other for ever
         outputs = [agent.communicate(timeout=300) for agent in agents]
     except subprocess.TimeoutExpired:
@@ -48,6 +52,7 @@ def two_node_job(out: Path, config: Path, env: dict[str, str], *args: str) -> di
         pytest.fail("the two-node job hung:\n" + "\n".join(agent.communicate()[1][-2000:] for agent in agents))
     for agent, (_, stderr) in zip(agents, outputs):
         assert agent.returncode == 0, stderr[-3000:]
+        assert "pytorch#135712" not in stderr
     summaries = [json.loads(stdout[stdout.index("{"):]) for stdout, _ in outputs if "{" in stdout]
     assert len(summaries) == 1, [stdout for stdout, _ in outputs]
     return summaries[0]
@@ -77,3 +82,10 @@ def test_two_torchrun_agents_match_one_node_and_restart_a_sigkilled_worker(tmp_p
         (reference, before, after)
     a, b = (weights(tmp_path / name / "checkpoints" / "step-6") for name in ("one-node", "two-nodes"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_restartable_torchrun_sharing_its_store_is_warned_about():
+    agent_store = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert UNSHARED_STORE_ENV + "=1" in shared_store_restart_warning(agent_store)
+    assert shared_store_restart_warning({**agent_store, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert shared_store_restart_warning({**agent_store, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None

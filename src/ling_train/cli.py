@@ -34,7 +34,7 @@ examples:
   ling-train --nproc 2 --dist diloco --device mixed --batch-size 8,2   # 8 sequences/step on the GPU, 2 on the CPU
   torchrun --nproc-per-node 2 -m ling_train --dist diloco   # the same, launched by hand
   ling-train --nproc 2 --dist ddp --snapshot-every 10 --max-restarts 3   # survive a killed worker
-  torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train --dist ddp --snapshot-every 10
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train --dist ddp --snapshot-every 10
 """
 
 
