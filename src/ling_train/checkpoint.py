@@ -23,12 +23,18 @@ RUN_CONFIG_FILE = "run_config.toml"
 LATEST = "latest"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint was not written (non-finite weights, disk full); `latest` still names the last
+    good one. Not bad input (exit 1), but one line: the run's state is consistent."""
+
+
 def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, checkpoints_dir: Path,
                     step: int, max_shard_bytes: int, rank_states: dict[int, dict[str, Any]] | None = None,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """`trainer_state` is rank 0's; `rank_states` the other ranks' (rank-R.pt next to state.pt).
     `weights`: the whole model when `model` holds only this rank's shards (FSDP2, expert parallel)."""
     final = checkpoints_dir / f"step-{step}"
+    check_finite(model.state_dict() if weights is None else weights, final)
     with atomic_directory(final) as tmp:
         write_hf_files(model if weights is None else _WholeWeights(model.config, weights), model.config, tmp,
                        max_shard_bytes)
@@ -42,6 +48,14 @@ def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, 
         (state_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     write_text_atomic(checkpoints_dir / LATEST, final.name + "\n")
     return final
+
+
+def check_finite(weights: dict[str, torch.Tensor], final: Path) -> None:
+    """A NaN/inf checkpoint would become `latest` and every resume would continue a dead run."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointWriteError(f"{final}: not written, tensor {name!r} holds non-finite values "
+                                       f"(the run diverged); {LATEST} still names the previous checkpoint")
 
 
 class _WholeWeights:
