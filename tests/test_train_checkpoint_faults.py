@@ -68,3 +68,27 @@ def ckpt_config():
     return LingConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=3,
                       num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=8)
+
+
+@pytest.mark.parametrize("file, text, expected", [
+    ("config.json", "{not json", "invalid JSON"),
+    ("config.json", "[1, 2]", "expected a JSON object"),
+    ("config.json", "hidden_size=128", "hidden_size"),
+    ("trainer_state/trainer_state.json", "{not json", "corrupt"),
+    ("trainer_state/trainer_state.json", '{"step": "four"}', "step"),
+    ("trainer_state/trainer_state.json", '{"step": 3}', "step"),
+])
+def test_broken_or_disagreeing_side_files_are_a_one_line_error(tmp_path, small_run_toml, capsys, file, text,
+                                                               expected):
+    """One rule, as ling-eval applies it: a checkpoint whose files are broken or disagree is bad input."""
+    checkpoint = train(tmp_path / "run", small_run_toml)
+    path = checkpoint / file
+    if text.startswith("hidden_size="):  # parses, but disagrees with the weights and the run config
+        hf = json.loads(path.read_text())
+        hf["hidden_size"] = 128
+        text = json.dumps(hf)
+    path.write_text(text)
+    code, errors = resume(capsys, checkpoint, tmp_path / "next")
+    assert code == 2 and len(errors) == 1, errors
+    assert str(path) in errors[0] and expected in errors[0], errors[0]
+    assert not (tmp_path / "next").exists()

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ling_core import CheckpointError
-from ling_core.hf_io import atomic_directory, write_hf_files, write_text_atomic
+from ling_core import CheckpointError, ConfigError, LingConfig
+from ling_core.hf_io import CONFIG_NAME, atomic_directory, write_hf_files, write_text_atomic
+from ling_train.config import RunConfig, RunConfigError
 
 TRAINER_STATE_DIR = "trainer_state"
 STATE_FILE = "state.pt"
 RUN_CONFIG_FILE = "run_config.toml"
+SUMMARY_FILE = "trainer_state.json"
 LATEST = "latest"
 
 
@@ -45,7 +48,7 @@ def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, 
             torch.save(state, state_dir / rank_state_file(rank))
         (state_dir / RUN_CONFIG_FILE).write_text(run_config_toml)
         summary = {"step": step, "loader": trainer_state.get("loader")}
-        (state_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (state_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     write_text_atomic(checkpoints_dir / LATEST, final.name + "\n")
     return final
 
@@ -114,3 +117,34 @@ def load_trainer_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises several types for truncated/corrupt pickles
         raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(e).__name__})") from None
+
+
+def check_side_files(checkpoint: Path, state: dict[str, Any]) -> None:
+    """The rule ling-eval applies, on resume too: a checkpoint whose files are broken or disagree
+    with each other (config.json vs the run config that wrote it, trainer_state.json vs state.pt)
+    is bad input, not something to resume from silently."""
+    run_config_path = checkpoint / TRAINER_STATE_DIR / RUN_CONFIG_FILE
+    try:
+        model_config = RunConfig(**tomllib.loads(read_run_config_toml(checkpoint))).model_config(str(run_config_path))
+    except (tomllib.TOMLDecodeError, TypeError, RunConfigError) as e:
+        raise CheckpointError(f"{run_config_path}: not a valid run config ({e})") from None
+    config_path = checkpoint / CONFIG_NAME
+    try:
+        saved = LingConfig.from_json_file(config_path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    for field in LingConfig.__dataclass_fields__:
+        if field != "extra" and getattr(saved, field) != getattr(model_config, field):
+            raise CheckpointError(f"{config_path}: {field} = {getattr(saved, field)!r}, but the checkpoint's run "
+                                  f"config ({TRAINER_STATE_DIR}/{RUN_CONFIG_FILE}) has {getattr(model_config, field)!r}")
+    summary_path = checkpoint / TRAINER_STATE_DIR / SUMMARY_FILE
+    if not summary_path.exists():
+        return  # a summary for people; its absence loses nothing
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{summary_path}: corrupt ({e}); expected a JSON object with the step") from None
+    step = summary.get("step") if isinstance(summary, dict) else None
+    if type(step) is not int or step != state.get("step"):
+        raise CheckpointError(f"{summary_path}: step {step!r}, but {TRAINER_STATE_DIR}/{STATE_FILE} holds step "
+                              f"{state.get('step')!r} (expected the same int)")
