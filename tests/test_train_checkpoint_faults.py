@@ -92,3 +92,55 @@ def test_broken_or_disagreeing_side_files_are_a_one_line_error(tmp_path, small_r
     assert code == 2 and len(errors) == 1, errors
     assert str(path) in errors[0] and expected in errors[0], errors[0]
     assert not (tmp_path / "next").exists()
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+import ling_core.hf_io as hf_io
+from ling_train.cli import main
+real_save = hf_io.save_file
+def save_then_die(*args, **kwargs):  # the step-8 checkpoint is half written when the process dies
+    real_save(*args, **kwargs)
+    if "step-8" in str(args[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+hf_io.save_file = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_removes_what_a_killed_checkpoint_left(tmp_path, small_run_toml):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, "--config", str(small_run_toml), "--out",
+                             str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in checkpoints.glob(".step-8.tmp-*")]  # what the SIGKILL left
+    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    assert main(["--out", str(out), "--resume", "--no-progress"]) == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-4", "step-8"]
+
+
+def test_checkpoint_files_and_directories_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """So a power loss cannot leave `latest` naming a checkpoint whose files never reached the disk."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(src), str(dst))),
+                                                         real_replace(src, dst)))
+    directory = tmp_path / "checkpoints"
+    final = ckpt.save_checkpoint(build_model(ckpt_config(), seed=0), {"step": 1}, "", directory, 1, 10**9)
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final))
+    tmp = events[rename][1]
+    synced = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    files = [str(p).replace(str(final), tmp) for p in final.rglob("*")] + [tmp]
+    assert all(f in synced for f in files), sorted(set(files) - synced)
+    latest = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(directory / "latest"))
+    later = [e[1] for e in events[rename:latest] if e[0] == "fsync"]
+    assert str(directory) in later and events[latest][1] in later  # the rename, and latest's bytes
+    assert ("fsync", str(directory)) in events[latest:]  # the pointer's rename

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,18 @@ class _WholeWeights:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.weights
+
+
+def remove_partial_checkpoints(checkpoints_dir: Path) -> None:
+    """What a killed checkpoint write left: `.step-N.tmp-*` dirs (never complete, and as big as a
+    checkpoint), `.step-N.old-*` once step-N itself is back in place, and `.latest.tmp-*`.
+    Rank 0, before it writes."""
+    for leftover in checkpoints_dir.glob(f".{LATEST}.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    for leftover in checkpoints_dir.glob(".step-*"):
+        name, _, kind = leftover.name[1:].partition(".")
+        if kind.startswith("tmp-") or (kind.startswith("old-") and (checkpoints_dir / name).is_dir()):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path:

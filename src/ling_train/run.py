@@ -261,6 +261,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if not setup.is_main:
         trainer.fit()
         return {}
+    ckpt.remove_partial_checkpoints(out / "checkpoints")
     write_text_atomic(out / "config.toml", run_toml)
     if data.tokenizer_path is not None and data.tokenizer_path.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")  # (a resumed SFT run reads its own copy)

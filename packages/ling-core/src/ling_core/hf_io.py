@@ -36,10 +36,32 @@ class CheckpointError(ValueError):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file so readers see the old or the new content, never a part."""
+    """Write a small text file so readers see the old or the new content, never a part, and a power
+    loss cannot undo the rename while keeping the old bytes out (fsync before and after it)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and directory under `root`, then `root`: all on disk before it is renamed into place."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
 
 
 @contextlib.contextmanager
@@ -51,7 +73,9 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should read like any directory
     try:
         yield tmp
+        fsync_tree(tmp)  # else a power loss after the rename could leave `path` naming torn files
         replace_dir(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
