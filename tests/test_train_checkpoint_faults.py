@@ -144,3 +144,26 @@ def test_checkpoint_files_and_directories_are_fsynced_before_the_rename(tmp_path
     later = [e[1] for e in events[rename:latest] if e[0] == "fsync"]
     assert str(directory) in later and events[latest][1] in later  # the rename, and latest's bytes
     assert ("fsync", str(directory)) in events[latest:]  # the pointer's rename
+
+
+def no_space(*args, **kwargs):
+    import errno
+    import os
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer", ["ling_core.hf_io.save_file", "torch.save"])
+def test_disk_full_at_a_checkpoint_is_one_line_naming_the_path(tmp_path, small_run_toml, capsys, monkeypatch,
+                                                               writer):
+    checkpoint = train(tmp_path / "run", small_run_toml)
+    monkeypatch.setattr(writer, no_space)
+    capsys.readouterr()
+    code = main(["--resume", str(checkpoint), "--out", str(tmp_path / "run"), "--steps", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ling-train: error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, errors
+    assert str(tmp_path / "run" / "checkpoints" / "step-8") in errors[0]
+    assert "No space left on device" in errors[0] and "ENOSPC" in errors[0]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-4"]  # consistent, as before
+    assert (checkpoints / "latest").read_text().strip() == "step-4"

@@ -2,19 +2,25 @@
 
 Each checkpoint is written into a temporary directory and renamed, then `latest` (a one-line text
 file naming the newest complete checkpoint) is replaced atomically; a crash at any point leaves the
-previous checkpoint intact and `latest` pointing at a complete one.
+previous checkpoint intact and `latest` pointing at a complete one. Files and directories are
+fsynced before each rename, so a power loss cannot undo that either; a later run removes the temp
+dirs a killed write left. `checksums.json` (ling_core.hf_io) lets every loader detect altered tensor
+bytes; a checkpoint is written only with finite weights, and a failed write (disk full) is one line.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ling_core import CheckpointError, ConfigError, LingConfig
 from ling_core.hf_io import CONFIG_NAME, atomic_directory, write_hf_files, write_text_atomic
@@ -39,19 +45,39 @@ def save_checkpoint(model, trainer_state: dict[str, Any], run_config_toml: str, 
     `weights`: the whole model when `model` holds only this rank's shards (FSDP2, expert parallel)."""
     final = checkpoints_dir / f"step-{step}"
     check_finite(model.state_dict() if weights is None else weights, final)
-    with atomic_directory(final) as tmp:
-        write_hf_files(model if weights is None else _WholeWeights(model.config, weights), model.config, tmp,
-                       max_shard_bytes)
-        state_dir = tmp / TRAINER_STATE_DIR
-        state_dir.mkdir()
-        torch.save(trainer_state, state_dir / STATE_FILE)
-        for rank, state in (rank_states or {}).items():
-            torch.save(state, state_dir / rank_state_file(rank))
-        (state_dir / RUN_CONFIG_FILE).write_text(run_config_toml)
-        summary = {"step": step, "loader": trainer_state.get("loader")}
-        (state_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    write_text_atomic(checkpoints_dir / LATEST, final.name + "\n")
+    try:
+        with atomic_directory(final) as tmp:
+            write_hf_files(model if weights is None else _WholeWeights(model.config, weights), model.config, tmp,
+                           max_shard_bytes)
+            state_dir = tmp / TRAINER_STATE_DIR
+            state_dir.mkdir()
+            _torch_save(trainer_state, state_dir / STATE_FILE)
+            for rank, state in (rank_states or {}).items():
+                _torch_save(state, state_dir / rank_state_file(rank))
+            (state_dir / RUN_CONFIG_FILE).write_text(run_config_toml)
+            summary = {"step": step, "loader": trainer_state.get("loader")}
+            (state_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_text_atomic(checkpoints_dir / LATEST, final.name + "\n")
+    except (OSError, SafetensorError) as e:  # disk full, quota, read-only: the temp dir is already gone
+        raise CheckpointWriteError(f"{final}: not written, {_describe_write_error(e)}; {checkpoints_dir / LATEST} "
+                                   f"still names the previous checkpoint") from None
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a failed write raises OSError with its errno (ENOSPC), where
+    torch's own writer only says `unexpected pos ...`."""
+    with open(path, "wb") as file:
+        torch.save(obj, file)
+
+
+def _describe_write_error(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        code = errno.errorcode.get(error.errno, error.errno) if error.errno else None
+        return f"{error.strerror or error}" + (f" (errno {code})" if code else "")
+    if "StorageFull" in str(error) or "code: 28" in str(error):  # safetensors' Rust io::Error
+        return f"{os.strerror(errno.ENOSPC)} (errno ENOSPC)"
+    return str(error)
 
 
 def check_finite(weights: dict[str, torch.Tensor], final: Path) -> None:

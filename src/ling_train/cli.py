@@ -197,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as e:
         report_bad_input(f"ling-train: error: {e}")
         return 2
-    except CheckpointWriteError as e:
-        report_bad_input(f"ling-train: error: {e}")
+    except CheckpointWriteError as e:  # not bad input (exit 1), but one line: nothing was lost
+        from ling_train.launch import write_rank_report
+
+        line = f"ling-train: error: {e}"
+        if not write_rank_report("traceback", line + "\n"):  # under --nproc: the launcher's exit-1 report
+            print(line, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ling-train: interrupted; resume from the latest checkpoint with --resume", file=sys.stderr)
