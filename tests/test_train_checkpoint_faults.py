@@ -167,3 +167,15 @@ def test_disk_full_at_a_checkpoint_is_one_line_naming_the_path(tmp_path, small_r
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-4"]  # consistent, as before
     assert (checkpoints / "latest").read_text().strip() == "step-4"
+
+
+def test_ling_eval_loader_rejects_corrupt_tensor_bytes(tmp_path, small_run_toml):
+    """ling-eval's bailing_moe loader (and ling-train sft --init) load through the same checked path."""
+    from ling_eval.errors import CheckpointLoadError
+    from ling_train.eval_model import load_checkpoint
+
+    checkpoint = train(tmp_path / "run", small_run_toml)
+    load_checkpoint(checkpoint)
+    nan_tensor_bytes(checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointLoadError, match="model.safetensors: sha256"):
+        load_checkpoint(checkpoint)
