@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -125,3 +126,21 @@ class Timer(Callback):
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class ResumedLossCheck(Callback):
+    """A non-finite loss on the first step after a resume means the checkpoint's weights are bad
+    (e.g. corrupt bytes in a checkpoint without checksums), not that training diverged: stop
+    before the update, naming the checkpoint, rather than train on NaN and checkpoint it."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint, self.checked = checkpoint, False
+
+    def skip_update(self, trainer: Trainer, step: int, metrics: dict[str, Any], output: Any) -> bool:
+        if not self.checked:
+            self.checked = True
+            if not math.isfinite(metrics["loss"]):
+                from ling_core import CheckpointError
+                raise CheckpointError(f"--resume {self.checkpoint}: the first step's loss is {metrics['loss']} "
+                                      f"(expected a finite loss); the checkpoint's weights are corrupt")
+        return False

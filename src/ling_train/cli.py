@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from ling_core import CheckpointError, ConfigError
     from ling_data import DataError
     from ling_eval import EvalError
+    from ling_train.checkpoint import CheckpointWriteError
     from ling_train.config import RunConfigError
 
     bad_input = (UsageError, RunConfigError, ConfigError, CheckpointError, DataError, EvalError)
@@ -196,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as e:
         report_bad_input(f"ling-train: error: {e}")
         return 2
+    except CheckpointWriteError as e:  # not bad input (exit 1), but one line: nothing was lost
+        from ling_train.launch import write_rank_report
+
+        line = f"ling-train: error: {e}"
+        if not write_rank_report("traceback", line + "\n"):  # under --nproc: the launcher's exit-1 report
+            print(line, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ling-train: interrupted; resume from the latest checkpoint with --resume", file=sys.stderr)
         return 130

@@ -121,6 +121,7 @@ def load_resume_state(setup: dist_run.DistSetup, config: RunConfig, resume_from:
     this run's --dist or another. A whole-layout checkpoint (fsdp, expert parallel) resumes with or
     without expert parallel, at any expert-parallel degree; a per-position one only without."""
     main_state = ckpt.load_trainer_state(resume_from)
+    ckpt.check_side_files(resume_from, main_state)
     saved_dist, saved_world = main_state.get("dist", "none"), main_state.get("world_size", 1)
     saved_whole = main_state.get("optimizer_layout") == WHOLE
     if config.expert_parallel and not saved_whole:  # by position: no names for the experts a rank lacks

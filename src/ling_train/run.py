@@ -18,7 +18,8 @@ from ling_data import PackedLoader, TokenLoader, cached_tokenizer, embedded_corp
 from ling_data import DataError, is_shard_dir, load_manifest
 from ling_data.tokenizer import CHAT_TEMPLATE_SYMBOLS
 from ling_train import checkpoint as ckpt
-from ling_train.callbacks import Checkpointer, MetricsLogger, ProgressBar, RoutingWarmupStep, Timer
+from ling_train.callbacks import (Checkpointer, MetricsLogger, ProgressBar, ResumedLossCheck, RoutingWarmupStep,
+                                  Timer)
 from ling_train.eval_callback import EvalCallback, load_eval_tasks, scored_weights
 from ling_train.config import RunConfig, RunConfigError
 from ling_train import dist_checkpoint, sft, snapshots
@@ -223,6 +224,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
                                                            setup.world_size)
                      if aedit else Checkpointer(save, config.checkpoint_every))
     callbacks.append(timer)
+    if resume_from is not None:
+        callbacks.append(ResumedLossCheck(resume_from))
     if setup.world_size > 1 or setup.local_sgd is not None:
         callbacks.insert(1, dist_run.DistributedLogging(
             setup.rank, setup.world_size, metrics.write, setup.local_sgd, straggler_interval=max(config.log_every, 10),
@@ -258,6 +261,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if not setup.is_main:
         trainer.fit()
         return {}
+    ckpt.remove_partial_checkpoints(out / "checkpoints")
     write_text_atomic(out / "config.toml", run_toml)
     if data.tokenizer_path is not None and data.tokenizer_path.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(data.tokenizer_path, out / "tokenizer.model")  # (a resumed SFT run reads its own copy)

@@ -40,7 +40,7 @@ def test_save_then_load_is_identity(tmp_path_factory, seed, shard_bytes, dense, 
     torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=0, atol=0)
     files = sorted(p.name for p in path.iterdir())
     if shard_bytes == 10**9:
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["checksums.json", "config.json", "model.safetensors"]
     else:
         assert "model.safetensors.index.json" in files and len(files) > 3
         assert not any(p.name.startswith(".") for p in path.parent.iterdir())
@@ -79,6 +79,7 @@ def saved(tmp_path):
     model = build_model(cfg())
     path = tmp_path / "m"
     save_pretrained(model, path)
+    (path / "checksums.json").unlink()  # the structural checks below, which a checksum would pre-empt
     return path
 
 
@@ -136,3 +137,36 @@ def test_lite_builds_on_meta_only():
     with torch.device("meta"):
         model = LingForCausalLM(preset("lite"))
     assert sum(p.numel() for p in model.parameters()) > 16e9
+
+
+def nan_tensor_bytes(file):
+    """Overwrite the first tensor bytes with 0xFF (NaN in fp32), keeping the file structurally valid."""
+    data = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:start + 256] = b"\xff" * 256
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("shard_bytes", [512, 10**9])
+def test_corrupt_tensor_bytes_fail_the_checksum(tmp_path, shard_bytes):
+    """A safetensors file that still parses but whose bytes changed is caught by checksums.json."""
+    path = save_pretrained(build_model(cfg(), seed=0), tmp_path / "model", max_shard_bytes=shard_bytes)
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    nan_tensor_bytes(shard)
+    with pytest.raises(CheckpointError, match=f"{shard}: sha256 .* checksums.json"):
+        from_pretrained(path)
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path):
+    """Checkpoints written before checksums.json existed stay loadable (nothing to verify)."""
+    model = build_model(cfg(), seed=0)
+    path = save_pretrained(model, tmp_path / "model")
+    (path / "checksums.json").unlink()
+    assert same_weights(model, from_pretrained(path))
+
+
+def test_broken_checksums_file_is_named(tmp_path):
+    path = save_pretrained(build_model(cfg(), seed=0), tmp_path / "model")
+    (path / "checksums.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checksums.json"):
+        from_pretrained(path)

@@ -270,3 +270,24 @@ def test_overlapped_snapshot_of_cuda_state_goes_through_pinned_memory(tmp_path) 
     assert all(buffer.is_pinned() for buffer in checkpointer._buffers.values())
     checkpointer.close()
 
+
+
+def test_snapshot_files_and_directories_are_fsynced_before_the_manifest(tmp_path, monkeypatch) -> None:
+    """The manifest marks a rank's snapshot complete: once it survives a power loss, so must the data
+    file's bytes, its name, and the step directory's name."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(dst))),
+                                                         real_replace(src, dst)))
+    checkpointer = FlashCheckpointer(tmp_path, keep_last=2)
+    checkpointer.save(3, make_state())
+    checkpointer.wait()
+    step_dir = tmp_path / "step-000000003"
+    data = events.index(("replace", str(step_dir / "rank-00000.pt")))
+    manifest = events.index(("replace", str(step_dir / "rank-00000.json")))
+    assert ("fsync", str(step_dir)) in events[data:manifest]
+    assert ("fsync", str(tmp_path)) in events[:manifest]

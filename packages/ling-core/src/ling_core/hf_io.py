@@ -8,6 +8,7 @@ model, so peak memory stays near one model copy plus one shard.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,9 @@ from ling_core.config import ConfigError, LingConfig
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# {safetensors file name: sha256}: a flipped byte inside a tensor leaves the file parseable (its
+# values become garbage, e.g. NaN), so only a checksum catches it. Absent in older checkpoints.
+CHECKSUMS_NAME = "checksums.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
@@ -32,10 +36,32 @@ class CheckpointError(ValueError):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file so readers see the old or the new content, never a part."""
+    """Write a small text file so readers see the old or the new content, never a part, and a power
+    loss cannot undo the rename while keeping the old bytes out (fsync before and after it)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and directory under `root`, then `root`: all on disk before it is renamed into place."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
 
 
 @contextlib.contextmanager
@@ -47,7 +73,9 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should read like any directory
     try:
         yield tmp
+        fsync_tree(tmp)  # else a power loss after the rename could leave `path` naming torn files
         replace_dir(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -75,17 +103,51 @@ def write_hf_files(model: torch.nn.Module, config: LingConfig, directory: Path,
     (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
 
     metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for file_name, shard in zip(names, shards):
         save_file(shard, str(directory / file_name), metadata=metadata)
-        weight_map.update({name: file_name for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    checksums = {name: file_sha256(directory / name) for name in names}
+    (directory / CHECKSUMS_NAME).write_text(json.dumps(checksums, indent=2, sort_keys=True) + "\n")
+    if len(shards) > 1:
+        weight_map = {name: file_name for file_name, shard in zip(names, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checksums(path: Path) -> dict[str, str] | None:
+    """The checkpoint's {file: sha256}, or None for one written before checksums existed."""
+    checksums_path = path / CHECKSUMS_NAME
+    if not checksums_path.exists():
+        return None
+    try:
+        checksums = json.loads(checksums_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{checksums_path}: corrupt ({e}); expected {{file name: sha256}}") from None
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise CheckpointError(f"{checksums_path}: expected a JSON object {{file name: sha256}}")
+    return checksums
+
+
+def verify_checksum(file_path: Path, checksums: dict[str, str] | None) -> None:
+    if checksums is None:
+        return
+    expected = checksums.get(file_path.name)
+    if expected is None:
+        raise CheckpointError(f"{file_path}: not listed in {CHECKSUMS_NAME} (the checkpoint's files disagree)")
+    digest = file_sha256(file_path)
+    if digest != expected:
+        raise CheckpointError(f"{file_path}: sha256 {digest[:12]}... but {CHECKSUMS_NAME} recorded "
+                              f"{expected[:12]}...; the file is corrupt")
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path,
@@ -145,11 +207,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     path = Path(path)
     expected = model.state_dict()
     loaded: set[str] = set()
+    checksums = read_checksums(path)
     for file_name, listed in shard_files(path).items():
         file_path = path / file_name
         if not file_path.exists():
             raise CheckpointError(f"{file_path}: missing shard (listed in {INDEX_NAME} for {listed[0]})")
         try:
+            verify_checksum(file_path, checksums)
             with safe_open(str(file_path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if name not in expected:

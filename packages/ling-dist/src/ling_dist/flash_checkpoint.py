@@ -247,6 +247,7 @@ class FlashCheckpointer:
     def _persist(self, pending: _Pending) -> None:
         step_dir = step_dir_of(self.directory, pending.step)
         step_dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.directory)  # the step directory's name, before a manifest in it can count
         name = rank_file_stem(self.rank)
         hashed: list[HashingWriter] = []
 
@@ -255,6 +256,7 @@ class FlashCheckpointer:
             torch.save(pending.host_state, writer)
             hashed.append(writer)
         write_atomic(step_dir / f"{name}.pt", write_data, before_rename=lambda: self._commit_check(pending))
+        fsync_dir(step_dir)  # the data file's name is durable before the manifest that vouches for it
         manifest = {"step": pending.step, "rank": self.rank, "world_size": self.world_size, "file": f"{name}.pt",
                     "bytes": hashed[0].bytes, "sha256": hashed[0].sha256.hexdigest()}
         write_atomic(step_dir / f"{name}.json", lambda file: file.write(json.dumps(manifest).encode()))
