@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ling_train.distributed import shared_store_restart_warning
-from ling_train.launch import UNSHARED_STORE_ENV
+from ling_dist.runtime import shared_store_restart_warning
 from ling_train.snapshots import KILL_AT_STEP_ENV, KILL_RANK_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make the helpers importable
@@ -34,7 +33,7 @@ def free_port() -> int:
 def two_node_job(out: Path, config: Path, env: dict[str, str], *args: str) -> dict:
     """Two torchrun agents (`--nnodes 2`, one worker each) rendezvousing on one port, each with the
     README's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (with torchrun's shared store a restarted rank could
-    read the killed attempt's gloo addresses: CI failed so once); the summary of whichever worker
+    read the killed attempt's gloo addresses, or the nodes wait on different keys); the summary of whichever worker
     became rank 0."""
     port = free_port()
     agents = [subprocess.Popen(
@@ -43,7 +42,7 @@ def two_node_job(out: Path, config: Path, env: dict[str, str], *args: str) -> di
          "--rdzv-id", out.name, "--max-restarts", "1", "--monitor-interval", "0.2",
          "-m", "ling_train", "--no-progress", "--config", str(config), "--out", str(out), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", UNSHARED_STORE_ENV: "1", **env}) for node in (0, 1)]
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **env}) for node in (0, 1)]
     try:  # ~30 s on 2 cores; ranks that disagree on resuming wait on each other for ever
         outputs = [agent.communicate(timeout=300) for agent in agents]
     except subprocess.TimeoutExpired:
@@ -85,7 +84,8 @@ def test_two_torchrun_agents_match_one_node_and_restart_a_sigkilled_worker(tmp_p
 
 
 def test_a_restartable_torchrun_sharing_its_store_is_warned_about():
-    agent_store = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
-    assert UNSHARED_STORE_ENV + "=1" in shared_store_restart_warning(agent_store)
+    agent_store = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3", "GROUP_WORLD_SIZE": "2"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_restart_warning(agent_store)
+    assert shared_store_restart_warning({**agent_store, "GROUP_WORLD_SIZE": "1"}) is None  # one node: consistent
     assert shared_store_restart_warning({**agent_store, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
     assert shared_store_restart_warning({**agent_store, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None

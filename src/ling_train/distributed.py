@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -190,16 +188,6 @@ class DistSetup:
         return self.rank == 0
 
 
-def shared_store_restart_warning(environ: dict[str, str]) -> str | None:
-    """What to tell a user whose torchrun may restart workers while sharing its TCPStore with them:
-    that store outlives a restart, so a restarted rank can read the killed attempt's addresses and
-    time out connecting ("Connection refused", pytorch#135712). `ling-train --nproc` opts out itself."""
-    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) < 1:
-        return None
-    return ("ling-train: warning: torchrun --max-restarts with its shared TCPStore can fail to reconnect "
-            "after a restart (pytorch#135712); run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-
-
 def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
     """Join torchrun's group (gloo on CPU, nccl on CUDA); a plain process stays alone."""
     if config.dist == "none":
@@ -211,9 +199,6 @@ def init_process_group(config: RunConfig, device: torch.device) -> DistSetup:
         rank, world_size, dist_device = init_distributed(backend=backend)
         if device.type == "cuda" and torch.distributed.is_initialized():  # alone: the --device asked for
             device = dist_device
-    warning = shared_store_restart_warning(dict(os.environ))
-    if warning and world_size > 1 and rank == 0:
-        print(warning, file=sys.stderr)
     if config.expert_parallel:
         if world_size % config.expert_parallel:
             raise RunConfigError(f"--expert-parallel {config.expert_parallel}: must divide the number of "

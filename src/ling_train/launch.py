@@ -82,9 +82,6 @@ class _HeldRecords(logging.Handler):
         self.records.append(record)
 
 
-UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-
-
 def main(torchrun_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -102,9 +99,6 @@ def main(torchrun_args: list[str]) -> int:
                     handler.handle(record)
         held.records.clear()
 
-    # torchrun's shared TCPStore outlives worker restarts, so a restarted rank can read the killed
-    # attempt's gloo/nccl addresses and fail to connect (pytorch#135712): one store per attempt
-    os.environ.setdefault(UNSHARED_STORE_ENV, "1")
     with tempfile.TemporaryDirectory(prefix="ling-train-errors-") as error_dir:
         os.environ[ERROR_DIR_ENV] = error_dir  # the elastic agent passes its environment to the ranks
         try:

@@ -112,18 +112,36 @@ def _gloo_device(device: str | None, local_rank: int) -> torch.device:
 
 
 def _elastic_attempt_store(rank: int, world_size: int) -> dist.Store | None:
-    """Under torchrun, the rendezvous store with a key prefix unique to this restart attempt.
+    """Under torchrun, a store whose keys cannot mix with a killed attempt's.
 
-    After `--max-restarts` restarts a worker group, the agent's store still holds the previous
-    attempt's keys, including the listening addresses the old ranks published for gloo's
-    full-mesh connect; the new ranks then read a dead rank's address and fail ("Connection
-    refused") or hang (observed with torch 2.15, standalone rendezvous). A prefix per
-    TORCHELASTIC_RESTART_COUNT keeps every attempt's keys apart. Outside torchrun: None (env://).
+    After `--max-restarts` restarts the workers, a store that outlived the killed attempt still
+    holds the listening addresses its ranks published for gloo's full-mesh connect; new ranks then
+    read a dead rank's address and fail ("Connection refused") or hang (torch 2.15). Two cases:
+    - torchrun shares its agent's store (its default): one prefix per TORCHELASTIC_RESTART_COUNT.
+      That count is the agent's own, so it is the job's only on one machine: across machines the
+      agent whose worker died counts a restart and the others do not (pytorch#135712), and no
+      prefix can agree. Such jobs are warned to set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    - TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 hosts a new store each attempt; one prefix.
+    Outside torchrun: None (env://).
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
         return None
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    warning = shared_store_restart_warning(dict(os.environ))
+    if warning and rank == 0:
+        logger.warning(warning)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world_size,
                           is_master=not agent_hosts_store and rank == 0, multi_tenant=not agent_hosts_store)
-    return dist.PrefixStore(f"ling_dist/attempt-{attempt}", store)
+    return dist.PrefixStore(f"ling_dist/attempt-{attempt}" if agent_hosts_store else "ling_dist", store)
+
+
+def shared_store_restart_warning(environ: dict[str, str]) -> str | None:
+    """The warning for a several-machine torchrun job that may restart its workers while they
+    share the agent's store (see `_elastic_attempt_store`), else None."""
+    if (environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) < 1
+            or int(environ.get("GROUP_WORLD_SIZE") or 1) < 2):
+        return None
+    return ("torchrun --nnodes > 1 with --max-restarts and its shared store: after a restart the nodes' "
+            "workers would not find each other (pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "for every torchrun")
