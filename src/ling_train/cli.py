@@ -28,13 +28,14 @@ examples:
   ling-train --steps 200 --eval-every 50      # score the built-in eval tasks into metrics.jsonl
   ling-train align --a cpu:fp32 --b cpu:bf16 --out align/   # per-module numerical alignment
   ling-train sft --init runs/quick --data data/kg --seq-len 1024 --batch-size 4   # fine-tune on tool use
+  ling-train dpo --init runs/tiny-sft --data data/kg --seq-len 2048 --batch-size 2 --dpo-beta 0.1  # then prefer
   ling-train --nproc 2 --dist ddp             # 2 processes (torchrun; gloo on CPU), data parallel
   ling-train --nproc 4 --dist edit --sync-every 8 --outer-lr 0.7 --outer-momentum 0.9
   ling-train --nproc 2 --dist aedit --sync-seconds 2   # sync by wall time: slow ranks never wait
   ling-train --nproc 2 --dist diloco --device mixed --batch-size 8,2   # 8 sequences/step on the GPU, 2 on the CPU
   torchrun --nproc-per-node 2 -m ling_train --dist diloco   # the same, launched by hand
   ling-train --nproc 2 --dist ddp --snapshot-every 10 --max-restarts 3   # survive a killed worker
-  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train --dist ddp --snapshot-every 10
+  torchrun --nproc-per-node 2 --max-restarts 3 -m ling_train --dist ddp --snapshot-every 10
 """
 
 
@@ -58,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="ling-train sft: the HF-layout checkpoint (step-N dir or run dir) to fine-tune; its weights, "
-                        "model shape and tokenizer are used, the optimizer starts fresh")
+                        "model shape and tokenizer are used, the optimizer starts fresh; ling-train dpo: also the "
+                        "frozen reference")
+    p.add_argument("--dpo-beta", type=float, dest="dpo_beta", metavar="BETA",
+                   help="ling-train dpo: how far the policy may move from the reference (default 0.1)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (a step-N dir or a run dir); alone: from --out's latest")
     p.add_argument("--eval-every", type=int, dest="eval_every", metavar="N",
@@ -105,7 +109,7 @@ def build_config(args: argparse.Namespace):
     flags = {k: getattr(args, k) for k in ("size", "steps", "out", "data", "device", "seed", "init", "task",
                                            "batch_size", "seq_len", "lr", "eval_every", "dist", "sync_every",
                                            "sync_seconds", "outer_lr", "outer_momentum", "expert_parallel",
-                                           "snapshot_every", "keep_snapshots")}
+                                           "snapshot_every", "keep_snapshots", "dpo_beta")}
     if args.batch_size is not None:
         flags["batch_size"] = parse_batch_size(args.batch_size)
     from ling_train import snapshots
@@ -147,7 +151,7 @@ def build_config(args: argparse.Namespace):
             from ling_train.anomaly.config import check_workers
             check_workers(config.anomaly_config(args.config or "flags"), config.dist, args.nproc,
                           args.config or "flags")
-    if config.task == "sft":
+    if config.task in ("sft", "dpo"):
         from ling_train import sft
         sft.sample_file(config.data)  # one line now, not after the model is built
         if resume_from is None:  # the init checkpoint's shape; a resumed run's config already holds it
@@ -164,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         from ling_train.align_cli import main as align_main
         return align_main(argv[1:])
     task = None
-    if argv[:1] == ["sft"]:  # `ling-train sft --init CKPT --data KG_DIR ...`: the same run, task = "sft"
-        task, argv = "sft", argv[1:]
+    if argv[:1] in (["sft"], ["dpo"]):  # `ling-train sft --init CKPT --data KG_DIR ...`: the same run, task = "sft"
+        task, argv = argv[0], argv[1:]
     args = parser().parse_args(argv)
     args.task = task
     from ling_train.launch import failed_on_bad_input_before

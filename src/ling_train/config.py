@@ -61,8 +61,9 @@ class RunConfig:
     outer_momentum: float = 0.9  # Local SGD outer Nesterov momentum (0: plain SGD)
     expert_parallel: int = 0  # ddp/fsdp: split experts over groups of this many ranks (0: off)
     # Post-training (ling_train.sft): task "sft" fine-tunes the `init` checkpoint on chat samples
-    task: str = "pretrain"  # pretrain, or sft (data: a `ling-data kg` directory or JSONL file)
-    init: str = ""  # sft: the HF-layout checkpoint (step-N dir or run dir) whose weights it starts from
+    task: str = "pretrain"  # pretrain, sft or dpo (data: a `ling-data kg` directory or JSONL file)
+    init: str = ""  # sft, dpo: the HF-layout checkpoint (step-N dir or run dir) whose weights it starts from
+    dpo_beta: float = 0.1  # dpo (ling_train.dpo): the KL weight; the reference is the init checkpoint
     model: dict[str, Any] = field(default_factory=dict)  # LingConfig overrides
     anomaly: dict[str, Any] | None = None  # [anomaly] table (even empty: defaults); None = off
 
@@ -81,8 +82,10 @@ class RunConfig:
             raise RunConfigError(f"{source}: eval_tasks: expected a list of task files or built-in names")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RunConfigError(f"{source}: precision: expected auto, fp32 or bf16, got {self.precision!r}")
-        if self.task not in ("pretrain", "sft"):
-            raise RunConfigError(f"{source}: task: expected pretrain or sft, got {self.task!r}")
+        if self.task not in ("pretrain", "sft", "dpo"):
+            raise RunConfigError(f"{source}: task: expected pretrain, sft or dpo, got {self.task!r}")
+        if not 0 < self.dpo_beta < float("inf"):
+            raise RunConfigError(f"{source}: dpo_beta: expected a finite number > 0, got {self.dpo_beta}")
         validate_dist(self, source)
         validate_batch_size(self, source)
         validate_snapshots(self, source)

@@ -22,7 +22,7 @@ from ling_train.callbacks import (Checkpointer, MetricsLogger, ProgressBar, Resu
                                   Timer)
 from ling_train.eval_callback import EvalCallback, load_eval_tasks, scored_weights
 from ling_train.config import RunConfig, RunConfigError
-from ling_train import dist_checkpoint, sft, snapshots
+from ling_train import dist_checkpoint, dpo, sft, snapshots
 from ling_train import distributed as dist_run
 from ling_train.perf import device_name, matmul_peak, run_mfu, spec_bf16_peak
 from ling_train.trainer import Trainer, TrainerSettings, warmup_cosine
@@ -119,9 +119,9 @@ def build_sft_data(config: RunConfig, rank: int, world_size: int, resume_from: P
     if tokenizer.vocab_size > config.model_config().vocab_size:
         raise DataError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's vocab_size "
                         f"{config.model_config().vocab_size}")
-    loader, counts = sft.build_loader(config, tokenizer, rank, world_size)
+    loader, counts = (dpo if config.task == "dpo" else sft).build_loader(config, tokenizer, rank, world_size)
     tokens = counts["target_tokens"] + counts["context_tokens"]
-    return Data(loader, tokenizer_path, tokens, counts["samples"]), counts
+    return Data(loader, tokenizer_path, tokens, counts.get("samples", counts.get("pairs"))), counts
 
 
 def check_out_dir(out: Path, resuming: bool) -> None:
@@ -169,7 +169,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if setup.rank:
         dist_run.barrier()  # rank 0 trains and caches the tokenizer first
     sft_counts = None
-    if config.task == "sft":
+    if config.task in ("sft", "dpo"):
         data, sft_counts = build_sft_data(config, setup.rank, setup.world_size, resume_from)
     else:
         data = build_data(config, model_config.vocab_size, setup.rank, setup.world_size)
@@ -178,9 +178,14 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     model = build_model(model_config, device=device, seed=config.seed)
     if resume_from is not None and not from_snapshot:
         load_weights(model, resume_from)
-    elif resume_from is None and config.task == "sft":  # weights only: optimizer and schedule start fresh
+    elif resume_from is None and config.task in ("sft", "dpo"):  # weights only: optimizer, schedule start fresh
         load_weights(model, sft.init_checkpoint(config.init))
     trained = dist_run.wrap_model(setup, model)
+    if config.task == "dpo":  # the init checkpoint, again, frozen: what the policy's log-ratios are taken against
+        reference = build_model(model_config, device=device, seed=config.seed)
+        load_weights(reference, sft.init_checkpoint(config.init))
+        trained = dpo.DPOObjective(trained, reference, config.dpo_beta, model_config.balance_loss_weight,
+                                   model_config.router_z_loss_weight)
 
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -304,7 +309,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     if setup.local_sgd is not None:
         summary.update(syncs=setup.local_sgd.syncs, bytes_communicated=setup.local_sgd.bytes_communicated)
     if sft_counts is not None:  # what one epoch holds, and what this run's steps trained on
-        summary["sft"] = {**sft_counts, "target_tokens_trained": sum(r.get("target_tokens", 0) for r in steps)}
+        summary[config.task] = {**sft_counts, "target_tokens_trained": sum(r.get("target_tokens", 0) for r in steps)}
     if evals:
         summary["eval"] = evals[-1]
     if anomaly is not None:

@@ -122,6 +122,8 @@ class Trainer:
             value = getattr(out, name, None)
             if value is not None:
                 metrics[name] = value.item()
+        for name, value in getattr(out, "metrics", {}).items():  # an objective's own (ling_train.dpo)
+            metrics[name] = value.item()
         tokens_per_expert = getattr(out, "tokens_per_expert", None)
         if tokens_per_expert is not None and tokens_per_expert.numel():
             load = tokens_per_expert.float()
