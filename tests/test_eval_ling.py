@@ -85,7 +85,9 @@ def test_loader_entry_point_finds_model_and_tokenizer(run_dir):
 @pytest.mark.parametrize("damage, message", [
     (lambda c: shutil.rmtree(c), "does not exist"),
     (lambda c: (c / "config.json").write_text("{not json"), "corrupt config.json"),
-    (lambda c: (c / "model.safetensors").write_bytes(b"\0" * 16), "corrupt or truncated"),
+    (lambda c: (c / "model.safetensors").write_bytes(b"\0" * 16), "the file is corrupt"),  # checksums.json
+    (lambda c: ((c / "checksums.json").unlink(), (c / "model.safetensors").write_bytes(b"\0" * 16)),
+     "corrupt or truncated"),  # a checkpoint from before checksums.json
     (lambda c: (c.parent.parent / "tokenizer.model").unlink(), "no tokenizer.model"),
 ])
 def test_damaged_checkpoints_raise_checkpoint_load_error(tmp_path, run_dir, damage, message):

@@ -231,3 +231,16 @@ def test_too_little_data_for_the_vocabulary_is_a_one_line_error(tmp_path, run_cl
     result = run_cli("--data", str(docs), "--out", str(tmp_path / "r"))
     assert_one_line_error(result, f"--data {docs}", "8192-token tokenizer")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_float_is_a_one_line_error(tmp_path, run_cli, value):
+    """--lr nan was a traceback and --lr inf trained 300 steps of NaN (exit 0): every float field,
+    from a flag or the TOML, must be finite; nothing is written."""
+    out = tmp_path / "r"
+    assert_one_line_error(run_cli(f"--lr={value}", "--out", str(out)), "lr (--lr)", "finite")
+    config = tmp_path / "run.toml"
+    config.write_text(f"grad_clip = {value}\n")
+    assert_one_line_error(run_cli("--config", str(config), "--out", str(out)), str(config), "grad_clip", "finite")
+    assert_one_line_error(run_cli(f"--outer-lr={value}", "--dist", "edit", "--out", str(out)), "outer_lr", "finite")
+    assert not out.exists()

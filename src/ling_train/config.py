@@ -9,6 +9,7 @@ so a typo never silently trains the wrong model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,11 @@ class RunConfig:
     anomaly: dict[str, Any] | None = None  # [anomaly] table (even empty: defaults); None = off
 
     def validate(self, source: str = "config") -> None:
+        for f in dataclasses.fields(self):  # nan slips past every `< 0` check below; inf trains NaN
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RunConfigError(f"{source}: {f.name} (--{f.name.replace('_', '-')}): expected a finite "
+                                     f"number, got {value}")
         if self.size not in PRESETS:
             raise RunConfigError(f"{source}: size: unknown size {self.size!r}; expected one of "
                                  f"{', '.join(PRESETS)}")
