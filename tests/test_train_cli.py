@@ -244,3 +244,89 @@ def test_non_finite_float_is_a_one_line_error(tmp_path, run_cli, value):
     assert_one_line_error(run_cli("--config", str(config), "--out", str(out)), str(config), "grad_clip", "finite")
     assert_one_line_error(run_cli(f"--outer-lr={value}", "--dist", "edit", "--out", str(out)), "outer_lr", "finite")
     assert not out.exists()
+
+
+def read_only_below(monkeypatch, root):
+    """Directories under `root` cannot be created, as on a read-only mount (the tests run as root,
+    whom permission bits do not stop)."""
+    import errno
+    import os
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def test_unusable_out_is_a_one_line_error(tmp_path, small_run_toml, run_cli, monkeypatch):
+    """--out naming a file was a FileExistsError traceback, on a read-only mount an OSError one."""
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert_one_line_error(run_cli("--config", str(small_run_toml), "--out", str(taken)),
+                          f"--out: {taken} exists and is not a directory")
+    assert taken.read_text() == "keep me"
+    (tmp_path / "ro").mkdir()
+    read_only_below(monkeypatch, tmp_path / "ro")
+    assert_one_line_error(run_cli("--config", str(small_run_toml), "--out", str(tmp_path / "ro" / "run")),
+                          f"--out: cannot write to {tmp_path / 'ro'}", "Read-only file system")
+
+
+HOLD_THE_RUN_DIR = """
+import sys, time
+from pathlib import Path
+from ling_train.run_lock import lock_run_dir
+lock_run_dir(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+STALL_AT_STEP_8 = """
+import sys, time
+from pathlib import Path
+from ling_core import hf_io
+from ling_train.cli import main
+real_save = hf_io.save_file
+def save_then_stall(*args, **kwargs):  # the run is alive and writing when the others start
+    if "step-8" in str(args[1]):
+        print("stalled", flush=True)
+        time.sleep(600)
+    real_save(*args, **kwargs)
+hf_io.save_file = save_then_stall
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_directory_is_written_by_one_run_at_a_time(tmp_path, small_run_toml, run_cli):
+    """Two runs sharing --out both exited 0 with every step in metrics.jsonl twice, and --resume of a
+    run still writing was accepted: the main rank holds RUN/.lock (flock) for the whole run, which the
+    OS releases when the process dies, so a SIGKILLed run does not block its own resume."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()  # a new run directory another process took first
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_RUN_DIR, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_one_line_error(run_cli("--config", str(small_run_toml), "--out", str(out)),
+                              f"--out: {out} is in use by a run still writing it (pid {holder.pid} on")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+    writing = subprocess.Popen([sys.executable, "-c", STALL_AT_STEP_8, "--config", str(small_run_toml),
+                                "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writing.stdout.readline().strip() == "stalled"
+        before = (out / "metrics.jsonl").read_text()
+        assert_one_line_error(run_cli("--out", str(out), "--resume"), "is in use by a run still writing it")
+        assert (out / "metrics.jsonl").read_text() == before
+    finally:
+        writing.send_signal(signal.SIGKILL)
+        writing.wait()
+    assert run_cli("--out", str(out), "--resume").returncode == 0  # the killed run's lock went with it
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-8"

@@ -22,6 +22,8 @@ from ling_train.callbacks import (Checkpointer, MetricsLogger, ProgressBar, Resu
                                   Timer)
 from ling_train.eval_callback import EvalCallback, load_eval_tasks, scored_weights
 from ling_train.config import RunConfig, RunConfigError
+from ling_train.run_lock import lock_run_dir, release_run_dir
+from ling_eval.outputs import output_dir_problem
 from ling_train import dist_checkpoint, dpo, sft, snapshots
 from ling_train import distributed as dist_run
 from ling_train.perf import device_name, matmul_peak, run_mfu, spec_bf16_peak
@@ -124,10 +126,17 @@ def build_sft_data(config: RunConfig, rank: int, world_size: int, resume_from: P
     return Data(loader, tokenizer_path, tokens, counts.get("samples", counts.get("pairs"))), counts
 
 
-def check_out_dir(out: Path, resuming: bool) -> None:
+def check_out_dir(out: Path, resuming: bool, lock: bool) -> None:
+    """--out before any work: a directory we can write, not another run's (unless resuming it),
+    and not one a live run is writing (`lock`: the main rank takes RUN/.lock, ling_train.run_lock)."""
+    problem = output_dir_problem(out)
+    if problem:
+        raise RunConfigError(f"--out: {problem}")
     if not resuming and out.exists() and any((out / name).exists() for name in ("metrics.jsonl", "checkpoints")):
         raise RunConfigError(f"--out: {out} already holds a run; pass --resume to continue it or choose "
                              f"another --out (nothing was overwritten)")
+    if lock and out.exists():
+        lock_run_dir(out)
 
 
 def build_anomaly_monitor(config: RunConfig, data: Data, metrics: MetricsLogger, out: Path, workers: int = 1):
@@ -146,6 +155,13 @@ def build_anomaly_monitor(config: RunConfig, data: Data, metrics: MetricsLogger,
 def train(config: RunConfig, resume_from: Path | None = None, progress: bool = True) -> dict:
     """Run training as configured; returns a summary (also written to RUN/summary.json by rank 0;
     other ranks return an empty dict)."""
+    try:
+        return _train(config, resume_from, progress)
+    finally:
+        release_run_dir(Path(config.out))
+
+
+def _train(config: RunConfig, resume_from: Path | None, progress: bool) -> dict:
     out = Path(config.out)
     device = resolve_device(config.device)
     setup = dist_run.init_process_group(config, device)
@@ -159,7 +175,7 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     source = (snapshots.restart_source(out, setup.rank, setup.world_size, device, resume_from) if restarted
               else snapshots.ResumeSource(resume_from))
     resume_from = source.path
-    check_out_dir(out, resuming=resume_from is not None or restarted)
+    check_out_dir(out, resuming=resume_from is not None or restarted, lock=setup.is_main)
     dist_run.barrier()  # every rank checked before rank 0 writes anything
     from_snapshot = snapshots.is_snapshot(resume_from)
     trainer_state = (snapshots.resume_state(source, config, setup.rank, setup.world_size, device) if from_snapshot
@@ -257,6 +273,8 @@ def train(config: RunConfig, resume_from: Path | None = None, progress: bool = T
     # found there (bad input, exit 2) leaves no empty --out behind.
     dist_run.barrier()
     out.mkdir(parents=True, exist_ok=True)
+    if setup.is_main:  # a run started beside this one with the same new --out stops here
+        lock_run_dir(out)
     if config.snapshot_every:  # its FlashCheckpointer creates RUN/snapshots/
         trainer.callbacks.insert(trainer.callbacks.index(timer), snapshots.snapshot_callback(
             config, out, setup.rank, setup.world_size, optimizer, write=metrics.write, barrier=dist_run.barrier,

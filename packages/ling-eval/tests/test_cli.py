@@ -97,3 +97,42 @@ def test_console_script_is_installed_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ling_eval.cli", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+
+
+def read_only_below(monkeypatch, root: Path):
+    """Directories under `root` cannot be created, as on a read-only mount (the tests run as root,
+    whom permission bits do not stop)."""
+    import errno
+    import os
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda tmp: tmp / "taken.json", "taken.json exists and is not a directory"),
+    (lambda tmp: tmp / "ro" / "results", "cannot write to"),
+])
+def test_unusable_out_is_one_line_before_any_evaluation(run_dir, tmp_path, capsys, monkeypatch, make_out, message):
+    """Was a FileExistsError traceback after the whole evaluation ran (its results lost)."""
+    out = make_out(tmp_path)
+    (tmp_path / "taken.json").write_text("{}")
+    (tmp_path / "ro").mkdir()
+    read_only_below(monkeypatch, tmp_path / "ro")
+    import importlib
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated before checking --out")
+    monkeypatch.setattr(importlib.import_module("ling_eval.evaluate"), "evaluate_task", must_not_run)
+    assert main([str(run_dir / "checkpoints" / "step-10"), "--loader", LOADER, "--tasks", "facts_mc",
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ling-eval: error: --out: ") and message in err[0], err
+    if out.parent.name == "ro":
+        assert "Read-only file system" in err[0] and str(tmp_path / "ro") in err[0]
+    if out.name == "taken.json":
+        assert out.read_text() == "{}"

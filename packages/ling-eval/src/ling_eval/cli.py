@@ -73,6 +73,7 @@ def run(args) -> dict:
     from ling_eval.evaluate import evaluate_task
     from ling_eval.loaders import checkpoint_step, expand_checkpoints, load_checkpoint, model_type
     from ling_eval.report import CheckpointResults, compare_results, summary, write_report
+    from ling_eval.outputs import output_dir_problem
     from ling_eval.tasks import builtin_tasks, resolve_task
 
     _check_args(args)
@@ -87,6 +88,11 @@ def run(args) -> dict:
     if args.compare and len(checkpoints) < 2:
         from ling_eval.errors import EvalError
         raise EvalError("--compare: needs at least two checkpoints")
+    out = Path(args.out) if args.out else _default_out(roots)
+    problem = output_dir_problem(out)  # before the evaluation, whose results would have nowhere to go
+    if problem:
+        from ling_eval.errors import EvalError
+        raise EvalError(f"--out: {problem}")
     runs = []
     for checkpoint in checkpoints:
         logging.getLogger("ling_eval").info("evaluating %s", checkpoint)
@@ -100,10 +106,13 @@ def run(args) -> dict:
         del model
     comparisons = ([compare_results(a, b, seed=args.seed) for a, b in zip(runs[0].results, runs[-1].results)]
                    if args.compare else [])
-    out = Path(args.out) if args.out else _default_out(roots)
     # A run directory's plots live with its other plots (RUN/plots, the run-directory contract).
     plots_dir = roots[0] / "plots" if not args.out and out == roots[0] / "eval" else None
-    files = write_report(runs, out, comparisons, plots_dir)
+    try:
+        files = write_report(runs, out, comparisons, plots_dir)
+    except OSError as e:  # e.g. the disk filled up while evaluating
+        from ling_eval.errors import EvalError
+        raise EvalError(f"--out: writing the report into {out} failed: {e.strerror or e} (errno {e.errno})") from None
     result = summary(runs)
     if comparisons:
         result["comparisons"] = [c.summary() for c in comparisons]
