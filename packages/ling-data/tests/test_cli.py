@@ -127,3 +127,43 @@ def test_commands_register_with_one_line() -> None:
     for module_name, help_text in COMMANDS.values():
         module = __import__(module_name, fromlist=["run"])
         assert callable(module.add_arguments) and callable(module.run) and help_text
+
+
+@pytest.mark.parametrize("target", ["file", "missing"])
+def test_inspect_of_a_file_or_missing_path_is_one_line(tmp_path: Path, capsys, target: str) -> None:
+    path = tmp_path / "shards"
+    if target == "file":
+        path.write_text("not a directory")
+    code, _, err = run(capsys, "inspect", str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(path) in err and ("is a file, not a directory" if target == "file" else "does not exist") in err
+
+
+def test_existing_outputs_are_never_replaced_without_overwrite(tmp_path: Path, small_tokenizer, capsys) -> None:
+    source = tmp_path / "a.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(30)))
+    model = tmp_path / "tok.model"
+    model.write_bytes(b"earlier work")
+    tokenize = ["tokenize", str(source), "--tokenizer", str(small_tokenizer.model_path), "--workers", "1",
+                "--no-progress", "--out"]
+    shards = tmp_path / "shards"
+    assert run(capsys, *tokenize, str(shards))[0] == 0
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+
+    code, _, err = run(capsys, "train-tokenizer", str(source), "--vocab-size", "300", "--out", str(model))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--out" in err and "--overwrite" in err
+    assert model.read_bytes() == b"earlier work"
+    source.write_text(json.dumps({"text": "a different corpus " * 30}) + "\n")
+    code, _, err = run(capsys, *tokenize, str(shards))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(shards) in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory holds nothing to lose
+    assert run(capsys, *tokenize, str(empty))[0] == 0
+    assert run(capsys, *tokenize, str(shards), "--overwrite")[0] == 0
+    assert load_manifest(shards)["documents"] == 1
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(30)))
+    assert run(capsys, "train-tokenizer", str(source), "--vocab-size", "300", "--out", str(model),
+               "--overwrite")[0] == 0
+    assert Tokenizer.load(model).vocab_size == 300

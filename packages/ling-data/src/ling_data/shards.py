@@ -57,10 +57,15 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             type (the message names the field).
     """
     path = Path(directory) / MANIFEST_FILE
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise DataError(f"{directory}: is a file, not a directory; expected a token shard directory "
+                        "written by `ling-data tokenize`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: does not exist; expected a token shard directory written by `ling-data tokenize`") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: not valid JSON ({error}); expected a ling-data shard manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -20,14 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chat-symbols", action="store_true", help="leave out the chat/tool-call symbols")
     parser.add_argument("--symbol", action="append", default=[], metavar="TEXT",
                         help="another user-defined symbol (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it already exists (default: refuse)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad input lines instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ling_data.errors import DataError
+    from ling_data.errors import DataError, refuse_to_replace
     from ling_data.readers import read_documents
     from ling_data.tokenizer import CHAT_TEMPLATE_SYMBOLS, Tokenizer
 
+    refuse_to_replace(args.out, args.overwrite)
     symbols = ([] if args.no_chat_symbols else list(CHAT_TEMPLATE_SYMBOLS)) + args.symbol
     documents = [document.text for document in read_documents(args.inputs, skip_bad=args.skip_bad)]
     if not documents:
