@@ -246,21 +246,7 @@ def test_non_finite_float_is_a_one_line_error(tmp_path, run_cli, value):
     assert not out.exists()
 
 
-def read_only_below(monkeypatch, root):
-    """Directories under `root` cannot be created, as on a read-only mount (the tests run as root,
-    whom permission bits do not stop)."""
-    import errno
-    import os
-    real_mkdir = os.mkdir
-
-    def mkdir(path, *args, **kwargs):
-        if str(path).startswith(str(root)):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_mkdir(path, *args, **kwargs)
-    monkeypatch.setattr(os, "mkdir", mkdir)
-
-
-def test_unusable_out_is_a_one_line_error(tmp_path, small_run_toml, run_cli, monkeypatch):
+def test_unusable_out_is_a_one_line_error(tmp_path, small_run_toml, run_cli, read_only_below):
     """--out naming a file was a FileExistsError traceback, on a read-only mount an OSError one."""
     taken = tmp_path / "taken"
     taken.write_text("keep me")
@@ -268,7 +254,7 @@ def test_unusable_out_is_a_one_line_error(tmp_path, small_run_toml, run_cli, mon
                           f"--out: {taken} exists and is not a directory")
     assert taken.read_text() == "keep me"
     (tmp_path / "ro").mkdir()
-    read_only_below(monkeypatch, tmp_path / "ro")
+    read_only_below(tmp_path / "ro")
     assert_one_line_error(run_cli("--config", str(small_run_toml), "--out", str(tmp_path / "ro" / "run")),
                           f"--out: cannot write to {tmp_path / 'ro'}", "Read-only file system")
 

@@ -99,30 +99,17 @@ def test_console_script_is_installed_and_exits_2(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
 
 
-def read_only_below(monkeypatch, root: Path):
-    """Directories under `root` cannot be created, as on a read-only mount (the tests run as root,
-    whom permission bits do not stop)."""
-    import errno
-    import os
-    real_mkdir = os.mkdir
-
-    def mkdir(path, *args, **kwargs):
-        if str(path).startswith(str(root)):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_mkdir(path, *args, **kwargs)
-    monkeypatch.setattr(os, "mkdir", mkdir)
-
-
 @pytest.mark.parametrize("make_out, message", [
     (lambda tmp: tmp / "taken.json", "taken.json exists and is not a directory"),
     (lambda tmp: tmp / "ro" / "results", "cannot write to"),
 ])
-def test_unusable_out_is_one_line_before_any_evaluation(run_dir, tmp_path, capsys, monkeypatch, make_out, message):
+def test_unusable_out_is_one_line_before_any_evaluation(run_dir, tmp_path, capsys, monkeypatch, read_only_below,
+                                                          make_out, message):
     """Was a FileExistsError traceback after the whole evaluation ran (its results lost)."""
     out = make_out(tmp_path)
     (tmp_path / "taken.json").write_text("{}")
     (tmp_path / "ro").mkdir()
-    read_only_below(monkeypatch, tmp_path / "ro")
+    read_only_below(tmp_path / "ro")
     import importlib
 
     def must_not_run(*args, **kwargs):
