@@ -8,8 +8,10 @@ Stages (each skipped when its output exists, so an interrupted run continues):
 2. data: `python -m ling_data.kg --out WORK/kg --tool-list signatures`;
 3. sft: `ling-train sft --init WORK/pretrain --data WORK/kg ...`, a checkpoint every
    --eval-every steps (WORK/sft.toml holds its settings);
-4. eval: free-running tool use (`ling_eval.agent`, calls executed on the KG) of the base model
-   and of every SFT checkpoint on the same --episodes test samples (a fixed, seeded draw);
+4. dpo: `ling-train dpo --init WORK/sft --data WORK/kg ...` on the verifier's near-miss pairs
+   (WORK/dpo.toml; rows of 2 x --seq-len hold a chosen and a rejected turn); --dpo-steps 0 skips it;
+5. eval: free-running tool use (`ling_eval.agent`, calls executed on the KG) of the base model
+   of every SFT checkpoint and of the DPO run's last on the same --episodes test samples (a fixed, seeded draw);
    WORK/gain.json holds every score with its 95% bootstrap interval, WORK/gain.md the table,
    WORK/plots/tool_use_vs_sft_steps.png the curve.
 Timings of each stage go to WORK/gain.json as well.
@@ -31,7 +33,9 @@ METRICS = ("exact_sequence", "tool_name", "arguments", "final_answer", "json_val
 def run(command: list[str]) -> float:
     print("+", " ".join(command), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code:  # the stage printed its own one-line reason; keep what the earlier stages wrote
+        sys.exit(f"tool_use_gain: stage failed with exit {code}: {' '.join(command)}")
     return time.perf_counter() - start
 
 
@@ -41,12 +45,22 @@ def stage_commands(args) -> dict[str, list[str]]:
     sft_toml.write_text(f"steps = {args.sft_steps}\nseq_len = {args.seq_len}\nbatch_size = {args.batch_size}\n"
                         f"lr = {args.lr}\nwarmup_steps = {args.sft_steps // 20}\n"
                         f"checkpoint_every = {args.eval_every}\nseed = {args.seed}\n")
-    return {
+    dpo_toml = work / "dpo.toml"
+    dpo_toml.write_text(f"steps = {args.dpo_steps}\nseq_len = {2 * args.seq_len}\n"
+                        f"batch_size = {max(1, args.batch_size // 2)}\nlr = {args.dpo_lr}\n"
+                        f"warmup_steps = {args.dpo_steps // 10}\ncheckpoint_every = {max(args.dpo_steps, 1)}\n"
+                        f"dpo_beta = {args.dpo_beta}\nseed = {args.seed}\n")
+    commands = {
         "pretrain": [sys.executable, "-m", "ling_train", "--out", str(work / "pretrain"), "--no-progress"],
         "data": [sys.executable, "-m", "ling_data.kg", "--out", str(work / "kg"), "--tool-list", "signatures"],
         "sft": [sys.executable, "-m", "ling_train", "sft", "--init", str(work / "pretrain"), "--data", str(work / "kg"),
                 "--config", str(sft_toml), "--out", str(work / "sft"), "--no-progress"],
+        "dpo": [sys.executable, "-m", "ling_train", "dpo", "--init", str(work / "sft"), "--data", str(work / "kg"),
+                "--config", str(dpo_toml), "--out", str(work / "dpo"), "--no-progress"],
     }
+    if not args.dpo_steps:
+        del commands["dpo"]
+    return commands
 
 
 def evaluate(checkpoint: Path, items: list[dict], executor, progress: bool) -> dict:
@@ -100,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dpo-steps", type=int, default=100, help="DPO steps after SFT (0: no DPO stage)")
+    p.add_argument("--dpo-lr", type=float, default=1e-4)
+    p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
@@ -109,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = stage_commands(args)
     outputs = {"pretrain": args.work / "pretrain" / "summary.json", "data": args.work / "kg" / "test.jsonl",
-               "sft": args.work / "sft" / "summary.json"}
+               "sft": args.work / "sft" / "summary.json", "dpo": args.work / "dpo" / "summary.json"}
     for stage, command in commands.items():
         if not outputs[stage].exists():
             report["stages"][stage] = {"command": " ".join(command), "seconds": run(command)}
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     sft_dir = args.work / "sft" / "checkpoints"
     for step in sorted(int(d.name.split("-")[1]) for d in sft_dir.glob("step-*")):
         checkpoints[f"sft step {step}"] = sft_dir / f"step-{step}"
+    if "dpo" in commands:
+        checkpoints["sft+dpo"] = latest_checkpoint(args.work / "dpo" / "checkpoints")
     for name, checkpoint in checkpoints.items():
         key = f"{name} ({args.episodes} episodes)"
         if key not in report["eval"]:
@@ -134,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                if key.endswith(f"({args.episodes} episodes)")}
     (args.work / "gain.md").write_text(table(results))
     curve = [(0, results["base"]["groups"])] + [
-        (int(name.split()[-1]), result["groups"]) for name, result in results.items() if name.startswith("sft")]
+        (int(name.split()[-1]), result["groups"]) for name, result in results.items() if name.startswith("sft step")]
     plot(sorted(curve, key=lambda point: point[0]), args.work / "plots" / "tool_use_vs_sft_steps.png")
     print(table(results))
     return 0
