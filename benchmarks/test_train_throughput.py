@@ -1,14 +1,16 @@
 """Training-step throughput of the tiny preset on CPU (fp32): tokens/s and MFU.
 
 One step is `ling_train.trainer.Trainer.train_step`, the loop `ling-train` runs: forward,
-backward, gradient clipping, AdamW, zero_grad, scheduler, the metric `.item()`s. Batch 16 x 128
-random tokens. Anchors, measured in this run:
+backward, gradient clipping, AdamW (ling-train's own, `ling_train.run.build_optimizer`: torch's
+fused kernel on CPU), zero_grad, scheduler, the metric `.item()`s. Batch 16 x 128 random tokens.
+Anchors, measured in this run:
 
 - the machine's fp32 matmul rate, which MFU is relative to (MFU = tokens/s x
   flops_per_token / rate, the same formula RUN/metrics.jsonl uses);
 - a dense SwiGLU MLP at the model's width (256) whose intermediate size is chosen so one
   training step on the same tokens costs the same FLOPs, trained with the same AdamW: what
-  these FLOPs cost when nothing but plain matmuls at this width is involved.
+  these FLOPs cost when nothing but plain matmuls at this width is involved (its AdamW is the
+  same fused kernel).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 
 from ling_core import build_model, flops_per_token, preset
 from ling_core.moe import SwiGLU
+from ling_train.config import RunConfig
+from ling_train.run import build_optimizer
 from ling_train.trainer import Trainer, TrainerSettings
 
 BATCH, SEQ_LEN = 16, 128
@@ -45,7 +49,7 @@ def dense_anchor(hidden: int, step_flops: int, tokens: int):
     intermediate = round(step_flops / (18 * hidden * tokens) / 64) * 64
     torch.manual_seed(0)
     mlp = SwiGLU(hidden, intermediate)
-    optimizer = torch.optim.AdamW(mlp.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=1e-4, fused=True)
     x = torch.randn(tokens, hidden)
     grad_out = torch.randn(tokens, hidden)
 
@@ -60,7 +64,7 @@ def dense_anchor(hidden: int, step_flops: int, tokens: int):
 def test_train_step_tiny(benchmark, matmul_rate, best_time, best_seconds):
     config = preset("tiny")
     model = build_model(config, device="cpu", seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer(model, RunConfig(), torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     trainer = Trainer(model, optimizer, scheduler, RandomTokens(config.vocab_size),
                       TrainerSettings(total_steps=10**9), torch.device("cpu"))

@@ -126,6 +126,21 @@ def build_sft_data(config: RunConfig, rank: int, world_size: int, resume_from: P
     return Data(loader, tokenizer_path, tokens, counts.get("samples", counts.get("pairs"))), counts
 
 
+def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with weight decay on matrices only. AdamW is torch's fused kernel on CPU
+    and CUDA: on CPU one step over the tiny preset's 15.6M parameters took 16 ms fused against
+    50-55 ms for the default per-parameter loop and 58-65 ms for `foreach` (2 threads; README
+    "Measured"); it is not bitwise the loop's result (fp32 rounding order), only within fp32 noise."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             fused=device.type in ("cpu", "cuda"))
+
+
 def check_out_dir(out: Path, resuming: bool, lock: bool) -> None:
     """--out before any work: a directory we can write, not another run's (unless resuming it),
     and not one a live run is writing (`lock`: the main rank takes RUN/.lock, ling_train.run_lock)."""
@@ -203,15 +218,7 @@ def _train(config: RunConfig, resume_from: Path | None, progress: bool) -> dict:
         trained = dpo.DPOObjective(trained, reference, config.dpo_beta, model_config.balance_loss_weight,
                                    model_config.router_z_loss_weight)
 
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=config.lr)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                                      fused=device.type == "cuda")
+    optimizer = build_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     stepped = dist_run.wrap_optimizer(setup, config, model, optimizer)

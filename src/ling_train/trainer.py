@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
-from ling_kernels.allocator import keep_freed_memory
+
+from ling_kernels.allocator import keep_freed_memory_for_training
 
 
 class Callback:
@@ -72,10 +73,6 @@ class TrainerSettings:
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None = full precision
     # (model, max_norm) -> norm before clipping; expert parallel swaps in a global-norm version
     clip_gradients: Callable[[torch.nn.Module, float], torch.Tensor] = clip_local_grad_norm
-    # CPU runs: glibc keeps freed memory for the next step instead of unmapping it, so fresh
-    # gradients do not page-fault (ling_kernels.allocator; MoE block ~10% faster, resident
-    # memory stays at its peak between steps). Process-global; False leaves malloc alone.
-    keep_freed_memory_on_cpu: bool = True
 
 
 class Trainer:
@@ -141,8 +138,8 @@ class Trainer:
         return metrics
 
     def fit(self) -> None:
-        if self.device.type == "cpu" and self.settings.keep_freed_memory_on_cpu:
-            keep_freed_memory()
+        if self.device.type == "cpu":  # before the first step, so its log line comes before the progress bar
+            keep_freed_memory_for_training()
         for cb in self.callbacks:
             cb.on_train_start(self)
         try:

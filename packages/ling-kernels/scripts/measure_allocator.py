@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def worker(keep: bool, threads: int, rounds: int) -> dict:
     from test_moe_block import block_flops, clear_grads, forward_backward, make_block, make_inputs
 
     torch.set_num_threads(threads)
+    if not keep:  # the default subject: the ops' own keep_freed_memory_for_training must not act
+        os.environ["LING_KERNELS_MALLOC"] = "default"
     applied = keep_freed_memory() if keep else False
     block = make_block()
     x, grad_out = make_inputs()

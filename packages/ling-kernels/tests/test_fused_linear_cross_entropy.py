@@ -158,6 +158,9 @@ def test_fused_never_materialises_full_logits(path):
 
 
 def test_default_chunk_keeps_logits_block_near_hidden_size():
-    assert default_chunk_size(4096, 1024, 32768) == 128
+    assert default_chunk_size(4096, 1024, 32768) == 256  # Liger's 128, raised to MIN_CHUNK_TOKENS
+    assert default_chunk_size(2048, 256, 8192) == 256  # the tiny preset's loss: Liger's rule gives 64
+    assert default_chunk_size(100, 256, 8192) == 128  # fewer tokens than the minimum: one chunk
+    assert default_chunk_size(1 << 20, 256, 8192) == 1 << 15  # Liger's rule above the minimum
     assert default_chunk_size(1, 8, 100000) == 1
     assert default_chunk_size(10, 4096, 1000) == 16  # one chunk covers every token

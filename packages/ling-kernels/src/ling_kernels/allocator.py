@@ -19,6 +19,13 @@ starts; `mallopt` does the same at run time.
 
 Both are no-ops returning False where the C library is not glibc (macOS, musl, Windows), so
 callers need no platform checks. Process-global state: call once, at the start of a run.
+
+The default path applies it without being asked: `keep_freed_memory_for_training()`, called by
+the CPU fast paths that allocate a step's gradients (the grouped GEMM of the MoE experts, the
+fused cross-entropy) when they run under autograd, calls `keep_freed_memory()` once per process.
+So a user's own training loop over ling-core's model gets the same allocator as ling-train,
+and inference (no autograd) leaves malloc alone. `LING_KERNELS_MALLOC=default` in the
+environment, or a call to `release_freed_memory()`, opts the process out.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 
-__all__ = ["keep_freed_memory", "release_freed_memory"]
+__all__ = ["keep_freed_memory", "keep_freed_memory_for_training", "release_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,9 @@ _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # DEFAULT_MMAP_THRESHOLD_MIN / DEFAULT_TRIM_THRESHOLD
+ENV_VAR = "LING_KERNELS_MALLOC"
+ENV_VALUES = ("keep", "default")
+_decided = False  # keep_freed_memory_for_training has acted (or was opted out of) in this process
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -66,9 +77,27 @@ def keep_freed_memory() -> bool:
     return applied
 
 
+def keep_freed_memory_for_training() -> None:
+    """`keep_freed_memory()`, once per process, unless `LING_KERNELS_MALLOC=default` or
+    `release_freed_memory()` opted out. Called by the CPU fast paths under autograd."""
+    global _decided
+    if _decided:
+        return
+    _decided = True
+    value = os.environ.get(ENV_VAR, "keep").strip().lower() or "keep"
+    if value not in ENV_VALUES:
+        raise ValueError(f"environment variable {ENV_VAR}={os.environ[ENV_VAR]!r} is not an allocator "
+                         f"setting; expected one of {', '.join(ENV_VALUES)}")
+    if value == "keep":
+        keep_freed_memory()
+
+
 def release_freed_memory() -> bool:
     """Undo `keep_freed_memory`: glibc's default thresholds, then hand free heap memory back to
-    the OS now (`malloc_trim(0)`); True if applied (glibc), False where it is a no-op."""
+    the OS now (`malloc_trim(0)`); True if applied (glibc), False where it is a no-op. The
+    process is then opted out of `keep_freed_memory_for_training`."""
+    global _decided
+    _decided = True
     libc = _glibc()
     if libc is None:
         return False
