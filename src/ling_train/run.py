@@ -137,8 +137,12 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.dev
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr)
+    # On CPU only for plain tensors: expert parallel mixes DTensor (FSDP-sharded) and plain
+    # parameters, which the fused op refuses ("got mixed torch.Tensor and DTensor").
+    from torch.distributed.tensor import DTensor
+    plain = not any(isinstance(p, DTensor) for p in model.parameters())
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                             fused=device.type in ("cpu", "cuda"))
+                             fused=device.type == "cuda" or (device.type == "cpu" and plain))
 
 
 def check_out_dir(out: Path, resuming: bool, lock: bool) -> None:
