@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,23 +47,24 @@ def category(name: str) -> str:
     return "other"
 
 
-def report(prof, wall: float, title: str, top: int) -> None:
+def report(prof, wall: float, rounds: int, title: str, top: int) -> None:
+    """Per-round seconds: the profile's totals cover all `rounds`."""
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    per_round = 1e6 * rounds
+    total = sum(e.self_cpu_time_total for e in events) / per_round
     by_category: dict[str, float] = defaultdict(float)
     for e in events:
-        by_category[category(e.key)] += e.self_cpu_time_total / 1e6
+        by_category[category(e.key)] += e.self_cpu_time_total / per_round
     print(f"\n## {title}: {wall:.3f} s wall per round, aten self CPU {total:.3f} s per round "
           f"(the rest is Python, autograd and the profiler)")
     for label, seconds in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"  {label:40s} {seconds:8.4f} s  {100 * seconds / wall:5.1f}% of wall")
     print(f"  top {top} ops by self CPU time:")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-        print(f"    {e.key:40s} {e.self_cpu_time_total / 1e6:8.4f} s  {e.count:6d} calls")
+        print(f"    {e.key:40s} {e.self_cpu_time_total / per_round:8.4f} s  {e.count // rounds:6d} calls")
 
 
 def profile_rounds(fn, setup, rounds: int):
-    import time
     for _ in range(2):  # warm-up (allocator, oneDNN primitive caches)
         setup()
         fn()
@@ -73,7 +75,7 @@ def profile_rounds(fn, setup, rounds: int):
             with record_function("round"):
                 fn()
         wall = (time.perf_counter() - start) / rounds
-    return prof, wall  # key_averages() totals over all rounds: scale_report divides
+    return prof, wall
 
 
 def main() -> None:
@@ -91,7 +93,7 @@ def main() -> None:
         x, grad_out = b.make_inputs()
         prof, wall = profile_rounds(lambda: b.forward_backward(block, x, grad_out),
                                     lambda: b.clear_grads(block, x), args.steps)
-        scale_report(prof, wall, args.steps, "MoE block fwd+bwd (benchmark shape)", args.top)
+        report(prof, wall, args.steps, "MoE block fwd+bwd (benchmark shape)", args.top)
     if args.subject in ("step", "both"):
         import test_train_throughput as t
         from ling_core import build_model, preset
@@ -105,20 +107,7 @@ def main() -> None:
         trainer = Trainer(model, optimizer, scheduler, t.RandomTokens(config.vocab_size),
                           TrainerSettings(total_steps=10**9), torch.device("cpu"))
         prof, wall = profile_rounds(trainer.train_step, lambda: None, args.steps)
-        scale_report(prof, wall, args.steps, "tiny Trainer.train_step (16 x 128 tokens)", args.top)
-
-
-def scale_report(prof, wall, rounds, title, top):
-    class Scaled:
-        def __init__(self, e):
-            self.key, self.count = e.key, e.count // rounds
-            self.self_cpu_time_total = e.self_cpu_time_total / rounds
-
-    class View:
-        def key_averages(self):
-            return [Scaled(e) for e in prof.key_averages()]
-
-    report(View(), wall, title, top)
+        report(prof, wall, args.steps, "tiny Trainer.train_step (16 x 128 tokens)", args.top)
 
 
 if __name__ == "__main__":
