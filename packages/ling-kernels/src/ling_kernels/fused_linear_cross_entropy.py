@@ -115,12 +115,13 @@ def _flatten(
 def _accumulate_weight_grad(
     grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor
 ) -> None:
-    """grad_weight (fp32) += grad_logits.T @ hidden_chunk, without a [V, H] temporary in fp32."""
+    """grad_weight (fp32) += grad_logits [V, chunk] @ hidden_chunk, without a [V, H] fp32
+    temporary."""
     if hidden_chunk.dtype == torch.float32:
-        grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+        grad_weight.addmm_(grad_logits, hidden_chunk)
     else:
         # Low-precision matmul (fp32 accumulation inside), one rounding per chunk, fp32 sum.
-        grad_weight.add_(grad_logits.t() @ hidden_chunk)
+        grad_weight.add_(grad_logits @ hidden_chunk)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -146,25 +147,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             hidden_chunk = hidden[start:end]
-            logits = F.linear(hidden_chunk, weight).float()
+            # Vocabulary-major logits [V, chunk]: `weight @ hidden.T` ran at 178 GFLOP/s where
+            # `hidden @ weight.T` ran at 145 (tiny lm head, 2 threads), and both gradient
+            # matmuls below then read it without a transpose copy.
+            logits = torch.mm(weight, hidden_chunk.t()).float()
+            rows = torch.arange(end - start, device=logits.device)
             chunk_labels = safe_labels[start:end]
             chunk_valid = valid[start:end]
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, chunk_labels[:, None]).squeeze(1)
+            target_logit = logits[chunk_labels, rows]
+            # One pass of exp, in place: lse = max + log(sum(exp(logits - max))), and
+            # exp(logits - max) / sum is the softmax the gradient needs (torch.logsumexp would
+            # allocate and exponentiate a second [V, chunk] copy).
+            row_max = logits.amax(dim=0)
+            exp_sum = logits.sub_(row_max).exp_().sum(dim=0)
+            lse = row_max + exp_sum.log()
             ce_sum += ((lse - target_logit) * chunk_valid).sum()
             z_sum += (lse.square() * chunk_valid).sum()
             if not need_grads:
                 continue
             # d/dlogits of (lse - logit_y + w * lse^2) / count:
-            # softmax * (1 + 2 w lse) - onehot(y), zero on ignored rows. Reuse `logits` in place.
+            # softmax * (1 + 2 w lse) - onehot(y), zero on ignored rows.
             scale = (1.0 + 2.0 * z_loss_weight * lse) * chunk_valid / count
-            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
-            grad_logits[torch.arange(end - start, device=logits.device), chunk_labels] -= (
-                chunk_valid / count
-            )
+            grad_logits = logits.mul_(scale / exp_sum)
+            grad_logits[chunk_labels, rows] -= chunk_valid / count
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                torch.mm(grad_logits.t(), weight, out=grad_hidden[start:end])
             if grad_weight is not None:
                 _accumulate_weight_grad(grad_weight, grad_logits, hidden_chunk)
         ce = ce_sum / count
