@@ -61,13 +61,20 @@ def dense_anchor(hidden: int, step_flops: int, tokens: int):
     return step, 18 * hidden * intermediate * tokens
 
 
-def test_train_step_tiny(benchmark, matmul_rate, best_time, best_seconds):
+def tiny_trainer(loader=None) -> Trainer:
+    """The tiny preset on CPU with ling-train's optimizer and a constant lr, over `loader`
+    (default: random tokens); also used by scripts/profile_cpu.py and scripts/time_train_step.py."""
     config = preset("tiny")
     model = build_model(config, device="cpu", seed=0)
     optimizer = build_optimizer(model, RunConfig(), torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = Trainer(model, optimizer, scheduler, RandomTokens(config.vocab_size),
-                      TrainerSettings(total_steps=10**9), torch.device("cpu"))
+    return Trainer(model, optimizer, scheduler, loader if loader is not None else RandomTokens(config.vocab_size),
+                   TrainerSettings(total_steps=10**9), torch.device("cpu"))
+
+
+def test_train_step_tiny(benchmark, matmul_rate, best_time, best_seconds):
+    config = preset("tiny")
+    trainer = tiny_trainer()
     tokens = BATCH * SEQ_LEN
     flops_per_step = flops_per_token(config, SEQ_LEN) * tokens
     dense_step, dense_flops = dense_anchor(config.hidden_size, flops_per_step, tokens)

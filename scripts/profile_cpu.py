@@ -95,17 +95,8 @@ def main() -> None:
                                     lambda: b.clear_grads(block, x), args.steps)
         report(prof, wall, args.steps, "MoE block fwd+bwd (benchmark shape)", args.top)
     if args.subject in ("step", "both"):
-        import test_train_throughput as t
-        from ling_core import build_model, preset
-        from ling_train.config import RunConfig
-        from ling_train.run import build_optimizer
-        from ling_train.trainer import Trainer, TrainerSettings
-        config = preset("tiny")
-        model = build_model(config, device="cpu", seed=0)
-        optimizer = build_optimizer(model, RunConfig(), torch.device("cpu"))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        trainer = Trainer(model, optimizer, scheduler, t.RandomTokens(config.vocab_size),
-                          TrainerSettings(total_steps=10**9), torch.device("cpu"))
+        from test_train_throughput import tiny_trainer
+        trainer = tiny_trainer()
         prof, wall = profile_rounds(trainer.train_step, lambda: None, args.steps)
         report(prof, wall, args.steps, "tiny Trainer.train_step (16 x 128 tokens)", args.top)
 

@@ -27,20 +27,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from test_train_throughput import RandomTokens
+    from test_train_throughput import tiny_trainer
 
-    from ling_core import build_model, preset
+    from ling_core import preset
     from ling_train.config import RunConfig
-    from ling_train.run import build_data, build_optimizer
-    from ling_train.trainer import Trainer, TrainerSettings
+    from ling_train.run import build_data
 
-    config, run_config, cpu = preset("tiny"), RunConfig(), torch.device("cpu")
-    model = build_model(config, device=cpu, seed=0)
-    optimizer = build_optimizer(model, run_config, cpu)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    loader = (build_data(run_config, config.vocab_size).loader if args.data == "corpus"
-              else RandomTokens(config.vocab_size))
-    trainer = Trainer(model, optimizer, scheduler, loader, TrainerSettings(total_steps=10**9), cpu)
+    loader = build_data(RunConfig(), preset("tiny").vocab_size).loader if args.data == "corpus" else None
+    trainer = tiny_trainer(loader)
     for _ in range(3):
         trainer.train_step()
     seconds = []

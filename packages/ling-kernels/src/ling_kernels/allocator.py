@@ -36,7 +36,10 @@ import logging
 import os
 import platform
 
-__all__ = ["keep_freed_memory", "keep_freed_memory_for_training", "release_freed_memory"]
+import torch
+
+__all__ = ["keep_freed_memory", "keep_freed_memory_for_training", "keep_freed_memory_if_training",
+           "release_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,16 @@ def keep_freed_memory_for_training() -> None:
                          f"setting; expected one of {', '.join(ENV_VALUES)}")
     if value == "keep":
         keep_freed_memory()
+
+
+def keep_freed_memory_if_training(tensors) -> None:
+    """`keep_freed_memory_for_training()` if autograd will produce gradients on the CPU for one
+    of `tensors`: the check the CPU training ops run on every call, cheapest test first (after
+    the first decision it is one global read)."""
+    if _decided or not torch.is_grad_enabled():
+        return
+    if any(t.requires_grad and t.device.type == "cpu" for t in tensors):
+        keep_freed_memory_for_training()
 
 
 def release_freed_memory() -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ling_kernels.allocator import keep_freed_memory_for_training
+from ling_kernels.allocator import keep_freed_memory_if_training
 from ling_kernels.dispatch import use_fast_path
 
 __all__ = ["fused_linear_cross_entropy", "reference", "default_chunk_size"]
@@ -89,8 +89,7 @@ def fused_linear_cross_entropy(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if need_grads and hidden.device.type == "cpu":
-        keep_freed_memory_for_training()  # the [V, H] weight gradient, every step: reuse it
+    keep_freed_memory_if_training((hidden, weight))  # the [V, H] weight gradient, every step: reuse it
     return _ChunkedLinearCrossEntropy.apply(
         hidden, weight, labels, ignore_index, float(z_loss_weight), chunk_size, need_grads
     )

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ling_kernels.allocator import keep_freed_memory_for_training
+from ling_kernels.allocator import keep_freed_memory_if_training
 from ling_kernels.dispatch import use_fast_path
 from ling_kernels.triton_support import triton_importable
 
@@ -121,9 +121,7 @@ def add_row_biases(out: torch.Tensor, biases: Weights, counts: list[int]) -> tor
 
 def _loop_of_mm(x, weights, counts, biases):
     weight_list = list(weights.unbind(0)) if isinstance(weights, torch.Tensor) else list(weights)
-    if (x.device.type == "cpu" and torch.is_grad_enabled()
-            and (x.requires_grad or any(w.requires_grad for w in weight_list))):
-        keep_freed_memory_for_training()  # this step's expert gradients: reuse, not fresh pages
+    keep_freed_memory_if_training([x, *weight_list])  # this step's expert gradients: reuse, not fresh pages
     bias_list = (
         [] if biases is None
         else list(biases.unbind(0)) if isinstance(biases, torch.Tensor) else list(biases)
