@@ -140,9 +140,10 @@ def test_aedit_checkpoints_at_sync_points_and_resumes(tmp_path):
     steps pass a multiple of checkpoint_every x ranks; resuming continues from that anchor and
     outer momentum and finishes. (Bitwise equality is impossible: the syncs follow wall time.)"""
     config = write_config(tmp_path, extra="checkpoint_every = 2\n")
-    # Syncs every 50 ms: several syncs between the first checkpoint (4 steps in all) and the end
-    # (20), whether a step takes 30 ms (idle) or 500 ms (loaded).
-    common = ["--dist", "aedit", "--sync-seconds", "0.05", "--outer-momentum", "0.8"]
+    # Syncs every 1 ms: a tiny step takes 5 ms idle (nine of them once fitted in 50 ms, so the run
+    # synced only at steps 1 and 10) and 500 ms loaded, so every step ends at a sync point and the
+    # totals 4, 8, ... (the checkpoints) are passed before the end (20), at any machine speed.
+    common = ["--dist", "aedit", "--sync-seconds", "0.001", "--outer-momentum", "0.8"]
     summary = finish(launch("--config", str(config), "--steps", "10", "--out", str(tmp_path / "full"), *common))
     checkpoints = sorted((tmp_path / "full" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
     periodic = [c for c in checkpoints if c.name != f"step-{summary['steps']}"]
