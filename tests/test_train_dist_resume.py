@@ -22,7 +22,8 @@ from ling_core import from_pretrained
 from ling_train.dist_checkpoint import local_sgd_fingerprints, optimizer_sha256, tensors_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make the helpers importable
-from train_dist_testing import finish, launch, rank_states, rows, weights, write_config  # noqa: E402
+from train_dist_testing import (SYNC_EVERY_STEP, finish, launch, rank_states, rows, weights,  # noqa: E402
+                                write_config)
 
 pytestmark = pytest.mark.dist
 
@@ -140,10 +141,8 @@ def test_aedit_checkpoints_at_sync_points_and_resumes(tmp_path):
     steps pass a multiple of checkpoint_every x ranks; resuming continues from that anchor and
     outer momentum and finishes. (Bitwise equality is impossible: the syncs follow wall time.)"""
     config = write_config(tmp_path, extra="checkpoint_every = 2\n")
-    # Syncs every 1 ms: a tiny step takes 5 ms idle (nine of them once fitted in 50 ms, so the run
-    # synced only at steps 1 and 10) and 500 ms loaded, so every step ends at a sync point and the
-    # totals 4, 8, ... (the checkpoints) are passed before the end (20), at any machine speed.
-    common = ["--dist", "aedit", "--sync-seconds", "0.001", "--outer-momentum", "0.8"]
+    # A sync at every step: the totals 4, 8, ... (the checkpoints) are passed before the end (20).
+    common = ["--dist", "aedit", "--sync-seconds", SYNC_EVERY_STEP, "--outer-momentum", "0.8"]
     summary = finish(launch("--config", str(config), "--steps", "10", "--out", str(tmp_path / "full"), *common))
     checkpoints = sorted((tmp_path / "full" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
     periodic = [c for c in checkpoints if c.name != f"step-{summary['steps']}"]

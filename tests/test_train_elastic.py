@@ -25,7 +25,7 @@ from ling_train.snapshots import (KILL_AT_STEP_ENV, KILL_RANK_ENV, choose_snapsh
                                   load_snapshot, resolve_resume)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importlib mode: make the helpers importable
-from train_dist_testing import finish, rank_states, rows, weights, write_config  # noqa: E402
+from train_dist_testing import SYNC_EVERY_STEP, finish, rank_states, rows, weights, write_config  # noqa: E402
 
 
 def write_two_rank_snapshots(directory: Path, steps: list[int]) -> None:
@@ -113,7 +113,7 @@ def test_resume_from_a_snapshot_in_one_process_is_bitwise(tmp_path):
 def test_aedit_snapshots_in_one_process(tmp_path):
     """One A-EDiT process (no process group): its sync-point snapshots are named by its own step."""
     config = write_config(tmp_path, extra="checkpoint_every = 0\n")
-    assert main(["--config", str(config), "--dist", "aedit", "--sync-seconds", "0.001", "--snapshot-every", "2",
+    assert main(["--config", str(config), "--dist", "aedit", "--sync-seconds", SYNC_EVERY_STEP, "--snapshot-every", "2",
                  "--steps", "4", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert [s.step for s in complete_snapshots(tmp_path / "run" / "snapshots")]
 
@@ -210,7 +210,7 @@ def test_sigkilled_aedit_worker_restarts_from_a_sync_point_snapshot(tmp_path):
     config = write_config(tmp_path, extra="checkpoint_every = 0\n")
     out = tmp_path / "killed"
     summary = finish(launch(out, config, {KILL_AT_STEP_ENV: "3", KILL_RANK_ENV: "1"}, "--steps", "8",
-                            "--dist", "aedit", "--sync-seconds", "0.001", "--outer-momentum", "0.8",
+                            "--dist", "aedit", "--sync-seconds", SYNC_EVERY_STEP, "--outer-momentum", "0.8",
                             "--snapshot-every", "2", "--keep-snapshots", "50", "--max-restarts", "1"))
     run_rows = rows(out)
     restart = [r for r in run_rows if r.get("event") == "restart"]

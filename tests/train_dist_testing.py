@@ -14,6 +14,11 @@ import torch
 
 from ling_core import from_pretrained
 
+# A-EDiT's --sync-seconds for tests that need a sync point at every step: a tiny step takes ~5 ms
+# idle (nine fitted in one 50 ms interval, so a run synced only at its first and last step) and
+# 500 ms loaded, so 1 ms makes every step end at a sync, at any machine speed.
+SYNC_EVERY_STEP = "0.001"
+
 TINY = """seq_len = 32
 batch_size = 4
 warmup_steps = 2
