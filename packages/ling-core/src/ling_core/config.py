@@ -136,14 +136,20 @@ class LingConfig:
 
 # Presets. `tiny` is sized to train on a laptop CPU in minutes while exercising every MoE path
 # (a dense first layer, routed experts with top-2, a shared expert). `lite` and `plus` are the
-# Ling report's Ling-Lite and Ling-Plus.
+# Ling report's Ling-Lite and Ling-Plus, NormHead on as in the reference. `tiny` leaves NormHead
+# off: with each hidden column of lm_head at unit norm over the vocabulary, a logit can reach
+# only about hidden / sqrt(vocab) times the final norm's weight (2.8 for tiny, 5.8 for Lite,
+# 15 for Plus), so at tiny width the model cannot become confident, nor learn to copy from its
+# context: `scripts/copy_probe.py` (a random 64-symbol sequence shown twice, 200 steps from
+# scratch) ends at second-copy loss 0.06 without NormHead and 4.19 with it (chance: ln 64 = 4.16).
+# The default 300-step run ends at 4.93 without it, 5.53 with it.
 PRESETS: dict[str, LingConfig] = {
     "tiny": LingConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         num_experts=16, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=256,
         first_k_dense_replace=1, rope_theta=10000.0, max_position_embeddings=2048,
-        initializer_range=0.02, pad_token_id=0, eos_token_id=3, norm_head=True,
+        initializer_range=0.02, pad_token_id=0, eos_token_id=3, norm_head=False,
     ),
     "lite": LingConfig(
         vocab_size=126464, hidden_size=2048, intermediate_size=5632, num_hidden_layers=28,
