@@ -351,3 +351,12 @@ def test_packed_samples_give_the_logits_each_gives_alone(lengths, padding, seed)
                                       packed[lengths[0]:lengths[0] + lengths[1]], atol=1e-3)
     mask = packed_causal_mask(segments.long())
     assert mask.shape == (1, 1, row.shape[1], row.shape[1]) and mask.diagonal(dim1=-2, dim2=-1).all()
+
+
+def test_a_model_built_directly_is_initialised_as_build_model_does():
+    """Only a model built on meta waits for init_weights(); one built on a real device used to hold
+    whatever memory torch.empty returned (NaN losses in a plain training loop)."""
+    cfg = small_config()
+    direct, built = LingForCausalLM(cfg), build_model(cfg, seed=0)
+    for (name, a), (_, b) in zip(direct.named_parameters(), built.named_parameters()):
+        assert torch.equal(a, b), name

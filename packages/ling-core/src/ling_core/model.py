@@ -2,7 +2,8 @@
 
 Parallelism, precision policy and training live outside (torchtitan's rule). The model builds on
 any device, including `meta`; `init_weights()` is separate from construction so a large model can
-be built on meta, sharded, materialised with `to_empty()`, then initialised.
+be built on meta, sharded, materialised with `to_empty()`, then initialised. Built on a real
+device, it is initialised at once, as `build_model(config, seed=0)` would.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class LingForCausalLM(nn.Module):
         self.config = config
         self.model = LingModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.lm_head.weight.device.type != "meta":
+            # Built for use rather than on meta to be materialised later: init as build_model(seed=0)
+            # does, so a model is never uninitialised memory (which gave NaN or garbage losses).
+            self.init_weights()
 
     # --- weights ---
     @torch.no_grad()
