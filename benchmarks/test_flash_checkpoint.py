@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from ling_core import PRESETS, LingForCausalLM
+from ling_core import PRESETS, build_model
 from ling_dist.flash_checkpoint import FlashCheckpointer
 
 BATCH, SEQ_LEN, ROUNDS = 2, 64, 8
@@ -35,8 +35,7 @@ BATCH, SEQ_LEN, ROUNDS = 2, 64, 8
 def make_training():
     torch.manual_seed(0)
     config = PRESETS["tiny"]
-    model = LingForCausalLM(config)
-    model.init_weights(seed=0)
+    model = build_model(config, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
 

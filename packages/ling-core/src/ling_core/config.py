@@ -139,10 +139,8 @@ class LingConfig:
 # Ling report's Ling-Lite and Ling-Plus, NormHead on as in the reference. `tiny` leaves NormHead
 # off: with each hidden column of lm_head at unit norm over the vocabulary, a logit can reach
 # only about hidden / sqrt(vocab) times the final norm's weight (2.8 for tiny, 5.8 for Lite,
-# 15 for Plus), so at tiny width the model cannot become confident, nor learn to copy from its
-# context: `scripts/copy_probe.py` (a random 64-symbol sequence shown twice, 200 steps from
-# scratch) ends at second-copy loss 0.06 without NormHead and 4.19 with it (chance: ln 64 = 4.16).
-# The default 300-step run ends at 4.93 without it, 5.53 with it.
+# 15 for Plus), too little for the tiny model to learn to copy from its context
+# (`scripts/copy_probe.py`; the numbers are in the root README, "Measured").
 PRESETS: dict[str, LingConfig] = {
     "tiny": LingConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
