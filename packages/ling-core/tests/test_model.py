@@ -353,6 +353,39 @@ def test_packed_samples_give_the_logits_each_gives_alone(lengths, padding, seed)
     assert mask.shape == (1, 1, row.shape[1], row.shape[1]) and mask.diagonal(dim1=-2, dim2=-1).all()
 
 
+@settings(max_examples=10, deadline=None)
+@given(seq=st.integers(2, 24), data=st.data(), seed=st.integers(0, 1000))
+def test_packed_loss_on_the_target_tokens_only_matches_full_logits(seq, data, seed):
+    """With segment ids the head runs only on labelled tokens; the loss and every gradient must
+    be those of F.cross_entropy over the full logits (ignored labels included, as -100). fp32,
+    only the summation order of the head's chunks differs: 1e-5 relative covers it. All-ignored
+    rows give loss 0 and zero head gradients, as the unpacked path does."""
+    import torch.nn.functional as F
+    model = build_model(small_config(), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (2, seq), generator=generator)
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=2 * seq, max_size=2 * seq))).view(2, seq)
+    labels = torch.where(keep, torch.randint(1, 97, (2, seq), generator=generator), -100)
+    segments = torch.ones(2, seq, dtype=torch.long)
+
+    def loss_and_grads(packed: bool):
+        model.zero_grad()
+        if packed:
+            loss = model(ids, labels, segment_ids=segments).lm_loss
+        else:
+            logits = model(ids, segment_ids=segments).logits
+            loss = (F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+                    / keep.sum().clamp(min=1))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = loss_and_grads(True)
+    exact, exact_grads = loss_and_grads(False)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-6)
+    for name, grad in exact_grads.items():
+        torch.testing.assert_close(fast_grads.get(name, torch.zeros_like(grad)), grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_model_built_directly_is_initialised_as_build_model_does():
     """Only a model built on meta waits for init_weights(); one built on a real device used to hold
     whatever memory torch.empty returned (NaN losses in a plain training loop)."""

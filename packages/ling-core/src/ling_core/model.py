@@ -195,6 +195,11 @@ class LingForCausalLM(nn.Module):
                              else torch.zeros(0, self.config.num_experts, dtype=torch.long))
         loss = lm_loss = None
         if labels is not None:
+            if segment_ids is not None:
+                # Packed SFT rows carry loss on the assistant's tokens only (15% of the KG rows at
+                # seq_len 2048); the head's matmuls need not run on the masked rest.
+                keep = labels != IGNORE_INDEX
+                x, labels = x[keep], labels[keep]
             lm_loss = self.lm_loss(x, weight, labels)
             loss = (lm_loss + self.config.balance_loss_weight * balance
                     + self.config.router_z_loss_weight * z_loss)
