@@ -88,3 +88,19 @@ def test_pack_pairs_puts_chosen_and_rejected_in_their_own_segments(kg_rows, chat
                                         rf"seq_len {seq_len - 1}"):
         longest = max(range(len(pairs)), key=lambda i: len(chosen[i].ids) + len(rejected[i].ids))
         pack_pairs([(chosen[longest], rejected[longest])], seq_len - 1, chat_tokenizer.pad_id)
+
+
+def test_samples_without_a_tool_list_open_with_the_question_and_still_make_pairs(tmp_path):
+    """`--tool-list none`: no system turn, so the text opens with the user's turn; the near
+    misses re-render it without one, and their prompts are the gold sample's."""
+    assert kg_main(["--out", str(tmp_path), "--samples-per-pattern", "1", "--tool-list", "none",
+                    "--patterns", "capital,neighbour_count"]) == 0
+    path = tmp_path / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows and all(row["text"].startswith("<|im_start|>user\n" + row["question"]) for row in rows)
+    pairs = read_preference_pairs(path, seed=0)
+    assert pairs
+    for pair in pairs:
+        assert pair.chosen.text.startswith("<|im_start|>user\n")
+        (start,) = pair.chosen.prompt_chars
+        assert pair.rejected.text[:start] == pair.chosen.text[:start]

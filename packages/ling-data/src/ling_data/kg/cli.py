@@ -82,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tool-list",
         choices=TOOL_LISTS,
         default=defaults.tool_list,
-        help="how the system prompt lists the tools: their JSON schemas, or one signature line "
-        "each, ~4x shorter, for small models on a CPU (default %(default)s)",
+        help="how the system prompt lists the tools: their JSON schemas, one signature line "
+        "each (~4x shorter, for small models on a CPU), or none, no system turn at all "
+        "(default %(default)s)",
     )
 
 

@@ -64,7 +64,10 @@ class _Pools:
 
 
 def _system(row: dict, source: str) -> str:
-    """The system turn opening the sample (its tool list), as `render` was given it."""
+    """The system turn opening the sample (its tool list), as `render` was given it; "" for a
+    sample rendered without one (`--tool-list none`), which opens with the user's turn."""
+    if row["text"].startswith("<|im_start|>user\n"):
+        return ""
     end = row["text"].find(IM_END)
     if not row["text"].startswith("<|im_start|>system\n") or end < 0:
         raise DataError(f"{source}: the text does not open with a system turn")

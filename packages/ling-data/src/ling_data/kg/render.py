@@ -51,13 +51,18 @@ def _turn(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
-TOOL_LISTS = ("json", "signatures")
+TOOL_LISTS = ("json", "signatures", "none")
 
 
 def system_prompt(tools: list[dict], tool_list: str = "json") -> str:
     """The system turn listing the tools: their JSON schemas as written to tools.json ("json",
     ~5.3K characters, ~1,750 tokens of the default tokenizer), or one signature line per tool
-    ("signatures", ~1.4K characters, ~500 tokens), short enough for a small model's context on a CPU."""
+    ("signatures", ~1.4K characters, ~500 tokens), short enough for a small model's context on a CPU.
+    "none" leaves the system turn out: with one fixed tool set the list is the same in every
+    sample, and a model as small as the tiny preset learnt to read the question only without it
+    (see the root README's tool-use section)."""
+    if tool_list == "none":
+        return ""
     if tool_list == "json":
         listing = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
     elif tool_list == "signatures":
