@@ -106,12 +106,13 @@ def plot(curve: list[tuple[int, dict]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ling_data.kg.render import TOOL_LISTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/tool-use"))
     p.add_argument("--episodes", type=int, default=200, help="test samples scored per model (seeded draw)")
     p.add_argument("--sft-steps", type=int, default=2400)
     p.add_argument("--eval-every", type=int, default=600, help="SFT checkpoint interval = points of the curve")
-    p.add_argument("--tool-list", choices=("none", "signatures", "json"), default="none",
+    p.add_argument("--tool-list", choices=TOOL_LISTS, default="none",
                    help="the samples' system prompt (ling-data kg --tool-list). With the signatures list the "
                         "tiny model did not learn to read the question within 400 SFT steps; without it, it did "
                         "(README, tool-use section)")

@@ -28,7 +28,7 @@ from typing import Any
 
 from ling_data.errors import DataError
 from ling_data.kg.answers import answers_match
-from ling_data.kg.render import IM_END, render
+from ling_data.kg.render import IM_END, IM_START, render
 from ling_data.sft import STOP_SEQUENCES, ChatSample
 
 NEAR_MISSES = ("wrong_tool", "wrong_argument", "missing_hop", "wrong_answer")
@@ -66,10 +66,10 @@ class _Pools:
 def _system(row: dict, source: str) -> str:
     """The system turn opening the sample (its tool list), as `render` was given it; "" for a
     sample rendered without one (`--tool-list none`), which opens with the user's turn."""
-    if row["text"].startswith("<|im_start|>user\n"):
+    if row["text"].startswith(f"{IM_START}user\n"):
         return ""
     end = row["text"].find(IM_END)
-    if not row["text"].startswith("<|im_start|>system\n") or end < 0:
+    if not row["text"].startswith(f"{IM_START}system\n") or end < 0:
         raise DataError(f"{source}: the text does not open with a system turn")
     return row["text"][:end + len(IM_END) + 1]
 
