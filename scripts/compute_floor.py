@@ -62,7 +62,7 @@ class Call:
         """Matmuls exactly; attention by ling_core.flops_per_token's convention (QK^T and AV,
         halved when causal; the backward twice the forward)."""
         a = self.args
-        if self.name in ("mm",):
+        if self.name == "mm":
             (m, k), n = a[0].size, a[1].size[1]
             return 2 * m * k * n
         if self.name in ("addmm", "addmm_"):
@@ -106,15 +106,17 @@ def _materialise(value):
 def replay_seconds(calls: list[Call], rounds: int) -> tuple[float, dict[str, float]]:
     """Best-of-`rounds` seconds of the whole sequence, and each call label's share of the best
     round."""
-    prepared = [(c, tree_map(_materialise, c.args), tree_map(_materialise, c.kwargs)) for c in calls]
+    # Labels are formatted once here, not inside the timed loop.
+    prepared = [(c.func, c.label(), tree_map(_materialise, c.args), tree_map(_materialise, c.kwargs))
+                for c in calls]
     best, best_per_label = float("inf"), {}
     for _ in range(rounds + 1):  # the first round warms oneDNN's primitive caches
         per_label: dict[str, float] = defaultdict(float)
         start = time.perf_counter()
-        for call, args, kwargs in prepared:
+        for func, label, args, kwargs in prepared:
             t0 = time.perf_counter()
-            call.func(*args, **kwargs)
-            per_label[call.label()] += time.perf_counter() - t0
+            func(*args, **kwargs)
+            per_label[label] += time.perf_counter() - t0
         total = time.perf_counter() - start
         if total < best:
             best, best_per_label = total, per_label
